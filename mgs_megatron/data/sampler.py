@@ -1,0 +1,125 @@
+"""Multi-domain prompt sampler: per-step domain counts from proportions ("mixed") or a domain schedule over
+steps ("sequential", the paper's Sequential RL baseline); deterministic given the seed; resumable.
+
+Mixed, allocation="quota" (default): every step gets round(prompts_per_step * p_d) prompts of domain d, with a
+carried remainder ("credit") so long-run counts are exact and every domain with p_d * N >= 1 appears each step
+(MGS needs every domain's gradient each step). allocation="multinomial": counts ~ Multinomial(N, p), drawn from
+a generator seeded by (seed, step).
+Within a domain prompts are drawn without replacement, in an order reshuffled every epoch from
+(seed, crc32(domain), epoch).
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .schema import PromptSample
+from .sources import SourceConfig, load_sources
+
+
+@dataclass
+class DataConfig:
+    sources: list = field(default_factory=list)          # SourceConfig | str paths
+    proportions: dict[str, float] = field(default_factory=dict)   # empty: equal over the domains found
+    prompts_per_step: int = 8
+    seed: int = 0
+    schedule: str = "mixed"                               # "mixed" | "sequential"
+    allocation: str = "quota"                             # "quota" | "multinomial" (mixed only)
+    stages: list | None = None                            # sequential: [(domain, num_steps), ...]
+    steps_per_stage: int = 100                            # sequential default: each domain this long, in order
+
+
+class MultiDomainSampler:
+    def __init__(self, config: DataConfig, data: dict[str, list[PromptSample]] | None = None):
+        if config.schedule not in ("mixed", "sequential"):
+            raise ValueError(f"schedule must be 'mixed' or 'sequential', got {config.schedule!r}")
+        if config.allocation not in ("quota", "multinomial"):
+            raise ValueError(f"allocation must be 'quota' or 'multinomial', got {config.allocation!r}")
+        self.config = config
+        self.data = data if data is not None else load_sources(
+            [s if isinstance(s, (SourceConfig, str)) else SourceConfig(**s) for s in config.sources])
+        props = config.proportions or {d: 1.0 for d in self.data}
+        total = float(sum(props.values()))
+        if total <= 0 or any(v < 0 for v in props.values()):
+            raise ValueError(f"proportions must be non-negative with a positive sum: {props}")
+        self.domains = [d for d, v in props.items() if v > 0]
+        self.p = np.array([props[d] / total for d in self.domains])
+        self.stages = [(d, int(n)) for d, n in (config.stages or [(d, config.steps_per_stage) for d in self.domains])]
+        needed = set(self.domains) | {d for d, _ in self.stages} if config.schedule == "sequential" else set(self.domains)
+        for d in needed:
+            if not self.data.get(d):
+                raise ValueError(f"domain {d!r} has a proportion/stage but no prompts in the sources")
+        self.step = 0
+        self._credit = np.zeros(len(self.domains))
+        self._epoch = {d: 0 for d in self.data}
+        self._cursor = {d: 0 for d in self.data}
+
+    # ------------------------------------------------------------ schedule
+    def stage_domain(self, step: int) -> str:
+        """Sequential schedule: the domain of `step` (the last stage continues after the schedule ends)."""
+        for d, n in self.stages:
+            if step < n:
+                return d
+            step -= n
+        return self.stages[-1][0]
+
+    def _counts(self) -> dict[str, int]:
+        n = self.config.prompts_per_step
+        if self.config.schedule == "sequential":
+            return {self.stage_domain(self.step): n}
+        if self.config.allocation == "multinomial":
+            rng = np.random.default_rng([self.config.seed, self.step, 0x6D6773])
+            c = rng.multinomial(n, self.p)
+        else:
+            credit = self._credit + n * self.p
+            c = np.floor(credit + 1e-9).astype(int)
+            order = sorted(range(len(c)), key=lambda i: (-(credit[i] - c[i]), i))  # largest remainder
+            for i in order[: n - int(c.sum())]:
+                c[i] += 1
+            self._credit = credit - c
+        return {d: int(k) for d, k in zip(self.domains, c) if k > 0}
+
+    # ------------------------------------------------------------ drawing
+    def _perm(self, domain: str, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng([self.config.seed, zlib.crc32(domain.encode()), epoch])
+        return rng.permutation(len(self.data[domain]))
+
+    def _take(self, domain: str, k: int) -> list[PromptSample]:
+        out, pool = [], self.data[domain]
+        while len(out) < k:
+            perm = self._perm(domain, self._epoch[domain])
+            cur = self._cursor[domain]
+            take = min(k - len(out), len(pool) - cur)
+            out.extend(pool[i] for i in perm[cur:cur + take])
+            self._cursor[domain] = cur + take
+            if self._cursor[domain] == len(pool):
+                self._epoch[domain] += 1
+                self._cursor[domain] = 0
+        return out
+
+    def next_step(self) -> list[PromptSample]:
+        """This step's prompts, grouped by domain in config order; advances the state."""
+        out: list[PromptSample] = []
+        for d, k in self._counts().items():
+            out.extend(self._take(d, k))
+        self.step += 1
+        return out
+
+    # ------------------------------------------------------------ resume
+    def state_dict(self) -> dict:
+        return {"step": self.step, "credit": self._credit.tolist(), "epoch": dict(self._epoch),
+                "cursor": dict(self._cursor), "domains": list(self.domains), "seed": self.config.seed,
+                "sizes": {d: len(v) for d, v in self.data.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["domains"] != self.domains or state["seed"] != self.config.seed:
+            raise ValueError("sampler state was saved with other domains/seed")
+        sizes = {d: len(v) for d, v in self.data.items()}
+        if state["sizes"] != sizes:
+            raise ValueError(f"prompt data changed since the state was saved: {state['sizes']} != {sizes}")
+        self.step = int(state["step"])
+        self._credit = np.array(state["credit"], dtype=float)
+        self._epoch = {d: int(v) for d, v in state["epoch"].items()}
+        self._cursor = {d: int(v) for d, v in state["cursor"].items()}

@@ -1,0 +1,224 @@
+"""Build a Megatron-Core GPTModel for Llama / Qwen2 / Qwen3 shapes from an architecture-neutral ModelConfig.
+
+`ModelConfig` holds what a Hugging Face config says (convert/ parses HF configs into it, per architecture);
+`ParallelConfig` and `PrecisionConfig` are the explicit dataclass configs of the layout and numerics.
+On CPU the local layer spec is used; with Transformer Engine installed and device cuda, the TE spec.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+class ConfigError(ValueError):
+    """An inconsistent or unsupported configuration; the message names the field."""
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3.x ("llama3") rope scaling."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str  # "llama" | "qwen2" | "qwen3"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[RopeScaling] = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    qk_norm: bool = False
+
+    def __post_init__(self):
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ConfigError(
+                f"architecture={self.architecture!r} is not supported (supported: {sorted(SUPPORTED_ARCHITECTURES)})"
+            )
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be positive")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads={self.num_attention_heads} is not divisible by "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+
+    @property
+    def heads_per_group(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+
+SUPPORTED_ARCHITECTURES = frozenset({"llama", "qwen2", "qwen3"})
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+
+    def check(self, model: ModelConfig, world_size: Optional[int] = None) -> None:
+        tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
+        if tp < 1 or pp < 1:
+            raise ConfigError(f"tensor_model_parallel_size={tp} and pipeline_model_parallel_size={pp} must be >= 1")
+        if model.num_attention_heads % tp:
+            raise ConfigError(f"num_attention_heads={model.num_attention_heads} is not divisible by "
+                              f"tensor_model_parallel_size={tp}")
+        if model.num_key_value_heads % tp:
+            raise ConfigError(f"num_key_value_heads={model.num_key_value_heads} is not divisible by "
+                              f"tensor_model_parallel_size={tp}")
+        if model.intermediate_size % tp:
+            raise ConfigError(f"intermediate_size={model.intermediate_size} is not divisible by "
+                              f"tensor_model_parallel_size={tp}")
+        chunks = pp * (self.virtual_pipeline_model_parallel_size or 1)
+        if model.num_layers % chunks:
+            raise ConfigError(f"num_layers={model.num_layers} is not divisible by pipeline_model_parallel_size={pp}"
+                              f" x virtual_pipeline_model_parallel_size={self.virtual_pipeline_model_parallel_size}")
+        if world_size is not None and world_size % (tp * pp):
+            raise ConfigError(f"world size {world_size} is not divisible by tensor_model_parallel_size={tp} x "
+                              f"pipeline_model_parallel_size={pp}")
+
+
+@dataclass(frozen=True)
+class PrecisionConfig:
+    params_dtype: torch.dtype = torch.float32  # bf16 params keep fp32 main grads/params in the optimizer
+    calculate_per_token_loss: bool = False
+
+
+def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 1) -> int:
+    multiple = divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
+
+
+def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig = PrecisionConfig(),
+                       **overrides):
+    """ModelConfig -> megatron.core TransformerConfig (no dropout: RL recomputes exact logprobs)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    parallel.check(model)
+    bf16 = precision.params_dtype == torch.bfloat16
+    kwargs = dict(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.intermediate_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_key_value_heads,
+        kv_channels=model.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=model.qkv_bias,
+        qk_layernorm=model.qk_norm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        params_dtype=precision.params_dtype,
+        pipeline_dtype=precision.params_dtype,
+        bf16=bf16,
+        calculate_per_token_loss=precision.calculate_per_token_loss,
+        use_cpu_initialization=True,  # full weights drawn on CPU then split: the same init at every TP size
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        attention_softmax_in_fp32=True,
+        init_method_std=0.02,
+    )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def transformer_engine_available() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def layer_spec(model: ModelConfig, use_te: bool):
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    if use_te:
+        return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_norm)
+    return specs.get_gpt_layer_local_spec(qk_layernorm=model.qk_norm, normalization="RMSNorm")
+
+
+def build_gpt_model(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig = PrecisionConfig(),
+                    *, use_te: Optional[bool] = None, vp_stage: Optional[int] = None, **config_overrides):
+    """One GPTModel chunk for this rank's pipeline stage (parallel_state must be initialised)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    config = transformer_config(model, parallel, precision, **config_overrides)
+    if use_te is None:
+        use_te = torch.cuda.is_available() and transformer_engine_available()
+    kwargs = {}
+    if parallel.virtual_pipeline_model_parallel_size is not None:
+        kwargs["vp_stage"] = vp_stage
+    pre = ps.is_pipeline_first_stage(ignore_virtual=False, **kwargs)
+    post = ps.is_pipeline_last_stage(ignore_virtual=False, **kwargs)
+    gpt = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(model, use_te),
+        vocab_size=padded_vocab_size(model.vocab_size, parallel.tensor_model_parallel_size),
+        max_sequence_length=model.max_position_embeddings,
+        pre_process=pre,
+        post_process=post,
+        share_embeddings_and_output_weights=model.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=model.rope_theta,
+        parallel_output=True,
+        **kwargs,
+    )
+    if model.rope_scaling is not None:
+        _apply_llama3_rope_scaling(gpt, model)
+    return gpt
+
+
+def llama3_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
+    """Hugging Face's "llama3" rope frequencies (Megatron hard-codes factor 8 / 1 / 4 / 8192 otherwise)."""
+    import math
+
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def _apply_llama3_rope_scaling(gpt, model: ModelConfig) -> None:
+    rotary = getattr(gpt, "rotary_pos_emb", None)
+    if rotary is None:
+        raise ConfigError("rope_scaling is set but the model has no rotary embedding")
+    rotary.inv_freq = llama3_inv_freq(model.head_dim, model.rope_theta, model.rope_scaling).to(rotary.inv_freq.device)
+
+
+__all__ = ["ConfigError", "ModelConfig", "ParallelConfig", "PrecisionConfig", "RopeScaling", "build_gpt_model",
+           "transformer_config", "padded_vocab_size", "llama3_inv_freq"]

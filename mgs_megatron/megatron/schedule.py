@@ -1,0 +1,66 @@
+"""Megatron's own forward/backward schedules (any PP) around a language-model loss on token micro-batches.
+
+A micro-batch is a dict with `tokens` [b, s] (int64), `labels` [b, s] and `loss_mask` [b, s] (float); `position_ids`
+is derived when absent. `loss_fn(per_token_loss_or_logits, batch) -> (loss, num_tokens, metrics)` may be swapped for
+an RL policy loss.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, torch.Tensor, dict]]
+
+
+def token_mean_lm_loss(per_token_loss: torch.Tensor, batch: dict):
+    """Cross-entropy summed over masked tokens; returned with the token count (Megatron divides)."""
+    mask = batch["loss_mask"].to(per_token_loss.dtype)
+    loss_sum = (per_token_loss.float() * mask).sum()
+    num_tokens = mask.sum().to(torch.int)
+    return loss_sum, num_tokens, {"lm_loss": torch.stack([loss_sum.detach(), num_tokens.float()])}
+
+
+def configure_grad_sync(ddp_chunks: Sequence[torch.nn.Module]) -> None:
+    """Let Megatron's schedules drive DDP: no_sync during accumulation, finalize_model_grads at the end."""
+    from megatron.core.distributed import finalize_model_grads
+
+    config = ddp_chunks[0].config if hasattr(ddp_chunks[0], "config") else ddp_chunks[0].module.config
+    no_sync = [c.no_sync for c in ddp_chunks]
+    config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+
+
+def _forward_step(loss_fn: LossFn, data_iterator, model):
+    batch = next(data_iterator)
+    tokens = batch["tokens"]
+    position_ids = batch.get("position_ids")
+    if position_ids is None:
+        position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
+    output = model(tokens, position_ids, None, labels=batch.get("labels"))
+    # A (loss, num_tokens, metrics) triple: Megatron divides by num_tokens and num_microbatches itself unless
+    # config.calculate_per_token_loss, in which case finalize_model_grads divides by the global token count.
+    return output, partial(loss_fn, batch=batch)
+
+
+def forward_backward(ddp_chunks: Sequence[torch.nn.Module], micro_batches: Iterable[dict], *, num_microbatches: int,
+                     seq_length: int, micro_batch_size: int, loss_fn: LossFn | None = None,
+                     forward_only: bool = False) -> list[dict]:
+    """Run get_forward_backward_func() over this rank's micro-batches; returns the last stage's loss dicts."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    loss_fn = loss_fn or token_mean_lm_loss
+    model = list(ddp_chunks)
+    batches = list(micro_batches)
+    iterators = [iter(batches) for _ in model]  # one per virtual-pipeline chunk: each consumes every micro-batch
+    return get_forward_backward_func()(
+        forward_step_func=partial(_forward_step, loss_fn),
+        data_iterator=iterators[0] if len(model) == 1 else iterators,
+        model=model[0] if len(model) == 1 else model,
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )

@@ -1,0 +1,1 @@
+"""Test utilities: a multi-process gloo harness and tiny locally-built models."""
