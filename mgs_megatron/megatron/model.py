@@ -62,6 +62,13 @@ class ModelConfig:
                 f"num_key_value_heads={self.num_key_value_heads}"
             )
 
+        if self.architecture == "qwen2" and self.head_dim * self.num_attention_heads != self.hidden_size:
+            # Qwen2 (HF and vLLM) derives head_dim = hidden_size / num_attention_heads.
+            raise ConfigError(
+                f"head_dim={self.head_dim} does not match hidden_size / num_attention_heads = "
+                f"{self.hidden_size} / {self.num_attention_heads} (required for architecture 'qwen2')"
+            )
+
     @property
     def heads_per_group(self) -> int:
         return self.num_attention_heads // self.num_key_value_heads

@@ -1,0 +1,54 @@
+"""`--check`: HF logits (this process) vs Megatron logits of the converted checkpoint (TP x PP spawned gloo ranks).
+
+HF runs in the calling process on purpose: the CPU backend that the Megatron ranks activate breaks transformers'
+from_pretrained (rotary inv_freq buffers left uninitialised), so HF is never loaded inside a rank.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mgs_megatron.convert.mapping import ConversionError
+
+
+def prompts(vocab_size: int, n: int = 3, seq: int = 16, seed: int = 0) -> torch.Tensor:
+    """A few fixed pseudo-random prompts (token ids) of the model's vocabulary."""
+    return torch.randint(0, vocab_size, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _rank_logits(mcore_dir: str, ids: list) -> list | None:
+    from megatron.core import parallel_state as ps
+
+    from mgs_megatron.convert.checkpoint import load_checkpoint, model_config_from_dict, read_metadata
+    from mgs_megatron.convert.forward import megatron_logits
+    from mgs_megatron.megatron.model import ParallelConfig, build_gpt_model
+
+    cfg = model_config_from_dict(read_metadata(mcore_dir)["model_config"])
+    par = ParallelConfig(ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())
+    chunks = [build_gpt_model(cfg, par)]
+    load_checkpoint(chunks, mcore_dir)
+    out = megatron_logits(chunks, torch.tensor(ids), cfg.vocab_size)
+    return None if out is None else out.tolist()
+
+
+def check_logits(hf_dir, mcore_dir, *, tp: int = 1, pp: int = 1, tol: float = 1e-4, timeout: float = 600) -> float:
+    """Max |HF - Megatron| logit difference (fp32) over a few prompts; raises ConversionError above `tol`."""
+    import transformers
+
+    from mgs_megatron.convert.checkpoint import model_config_from_dict, read_metadata
+    from mgs_megatron.testing.harness import Layout, run_distributed
+
+    cfg = model_config_from_dict(read_metadata(mcore_dir)["model_config"])
+    ids = prompts(cfg.vocab_size)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf(ids).logits.float()
+    results = run_distributed(_rank_logits, Layout(tp=tp, pp=pp), str(Path(mcore_dir).absolute()), ids.tolist(),
+                              timeout=timeout)
+    got = torch.tensor(next(r for r in results if r is not None))
+    diff = (got - ref).abs().max().item()
+    if not diff <= tol:
+        raise ConversionError(f"logit check failed at tp={tp} pp={pp}: max |HF - Megatron| = {diff:.3g} > {tol}")
+    return diff

@@ -1,0 +1,60 @@
+#!/usr/bin/env python
+"""HF <-> Megatron checkpoint conversion (Llama 3.x, Qwen2/2.5, Qwen3).
+
+  python tools/convert_checkpoint.py hf-to-mcore HF_DIR MCORE_DIR [--check --tp 2 --pp 2] [--overwrite]
+  python tools/convert_checkpoint.py mcore-to-hf MCORE_DIR HF_DIR [--check --tp 1 --pp 2] [--overwrite]
+
+The Megatron side is the "mgs-canonical-v1" checkpoint (see mgs_megatron/convert/checkpoint.py): conversion itself
+is model-free and single-process; it loads into a model at any TP/PP with mgs_megatron.convert.load_checkpoint.
+--check compares fp32 logits of HF and Megatron (built at --tp x --pp, spawned gloo ranks on CPU) on a few prompts.
+Output is written to a temp dir beside the target and renamed at the end: nothing is left on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("direction", choices=["hf-to-mcore", "mcore-to-hf"])
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing destination (atomically)")
+    p.add_argument("--shard-size-mb", type=int, default=2048, help="max safetensors shard size")
+    p.add_argument("--check", action="store_true", help="compare HF and Megatron logits after converting")
+    p.add_argument("--tp", type=int, default=1, help="tensor parallel size for --check")
+    p.add_argument("--pp", type=int, default=1, help="pipeline parallel size for --check")
+    p.add_argument("--tol", type=float, default=1e-4, help="max abs logit difference for --check (fp32)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from mgs_megatron.convert import hf_to_mcore_checkpoint, mcore_to_hf_checkpoint
+    from mgs_megatron.convert.check import check_logits
+
+    kw = dict(overwrite=args.overwrite, progress=not args.quiet, max_shard_bytes=args.shard_size_mb << 20)
+    t0 = time.perf_counter()
+    if args.direction == "hf-to-mcore":
+        cfg = hf_to_mcore_checkpoint(args.src, args.dst, **kw)
+        hf_dir, mcore_dir = args.src, args.dst
+    else:
+        cfg = mcore_to_hf_checkpoint(args.src, args.dst, **kw)
+        hf_dir, mcore_dir = args.dst, args.src
+    print(f"{args.direction}: {cfg.architecture} {cfg.num_layers} layers -> {args.dst} "
+          f"({time.perf_counter() - t0:.1f}s)")
+    if args.check:
+        diff = check_logits(hf_dir, mcore_dir, tp=args.tp, pp=args.pp, tol=args.tol)
+        print(f"check: max |HF - Megatron| logit difference at tp={args.tp} pp={args.pp}: {diff:.3g} (tol {args.tol})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
