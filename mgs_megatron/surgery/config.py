@@ -1,0 +1,50 @@
+"""SurgeryConfig: the validated, plain-dataclass configuration of the surgery core."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .layout import GRANULARITIES
+from .rules import RULES, Rule, get_rule, rule_options
+
+NONFINITE_POLICIES = ("error", "sum")
+
+
+@dataclass
+class SurgeryConfig:
+    """rule: "sum" (Mixed RL), "pcgrad" (the paper's MGS), "gradvac", or a registered name.
+    granularity: "parameter" (paper), "mcore-parameter", "layer", "global" (global PCGrad baseline).
+    seed: seeds the per-(step, module) random domain order.
+    eps: a domain j is projected against only if |g_j|^2 > eps (so all-zero/missing gradients are skipped).
+    gradvac_beta: EMA rate of GradVac's cosine targets.
+    on_nonfinite: "error" raises naming the modules/domains with non-finite Gram entries; "sum" falls back to the
+      plain sum for those modules (their combined gradient stays non-finite, so the optimizer's own inf/nan
+      check still skips the step) and counts them in the "surgery/nonfinite_modules" metric.
+    """
+    rule: str = "pcgrad"
+    granularity: str = "parameter"
+    seed: int = 0
+    eps: float = 0.0
+    gradvac_beta: float = 0.01
+    on_nonfinite: str = "error"
+
+    def __post_init__(self):
+        if self.rule not in RULES:
+            raise ValueError(f"unknown surgery rule {self.rule!r}; expected one of {sorted(RULES)}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"unknown granularity {self.granularity!r}; expected one of {GRANULARITIES}")
+        if self.on_nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"unknown on_nonfinite {self.on_nonfinite!r}; expected one of {NONFINITE_POLICIES}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
+        if not self.eps >= 0:
+            raise ValueError(f"eps must be >= 0, got {self.eps!r}")
+        if not 0.0 <= self.gradvac_beta <= 1.0:
+            raise ValueError(f"gradvac_beta must be in [0, 1], got {self.gradvac_beta!r}")
+
+    def make_rule(self) -> Rule:
+        opts = {"seed": self.seed, "eps": self.eps, "beta": self.gradvac_beta}
+        accepted = rule_options(self.rule)  # each rule takes the subset of options it knows
+        return get_rule(self.rule, **{k: v for k, v in opts.items() if k in accepted})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
