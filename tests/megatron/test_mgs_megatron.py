@@ -1,0 +1,165 @@
+"""MGS plug-in behaviour beyond exactness: rule 'sum' is the ordinary Megatron step, domain purity, absent
+domains, bf16 params, overlap, and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mgs_megatron.testing.harness import DistributedTestError, Layout, run_distributed
+from tests.megatron import test_mgs_exactness as ex
+
+DOMAINS = ex.DOMAINS
+
+
+def _ordinary_vs_sum(hf_sd, dist_opt: bool, overlap: bool, params_dtype=torch.float32, absent=()):
+    """Params after 3 ordinary Megatron steps (all domains' micro-batches in one schedule call) and after 3 MGS
+    steps with rule 'sum' (one schedule call per domain), from the same weights. `absent` domains skip a step."""
+    from mgs_megatron import MGSConfig, ModularGradientSurgery
+    from mgs_megatron.megatron.schedule import configure_grad_sync
+    from mgs_megatron.megatron.optim import zero_grads
+
+    def batches(step):
+        return {d: ex._micro_batches(step, d) for d in DOMAINS if (step, d) not in absent}
+
+    cfg, chunks, optimizer = ex._setup(hf_sd, dist_opt, overlap, params_dtype=params_dtype)
+    configure_grad_sync(chunks)
+    for step in range(ex.STEPS):
+        zero_grads(chunks, optimizer)
+        all_batches = [b for bs in batches(step).values() for b in bs]
+        ex._run_domain(chunks, all_batches)
+        assert optimizer.step()[0]
+    ordinary = ex._hf_params(chunks, cfg)
+
+    cfg, chunks, optimizer = ex._setup(hf_sd, dist_opt, overlap, params_dtype=params_dtype)
+    mgs = ModularGradientSurgery(chunks, optimizer, MGSConfig(rule="sum", domains=DOMAINS), model_config=cfg)
+    for step in range(ex.STEPS):
+        for d, bs in batches(step).items():
+            with mgs.domain(d):
+                ex._run_domain(chunks, bs)
+        ok, _, _, stats = mgs.step()
+        assert ok and stats["surgery/num_domains"] == len(batches(step))
+    return ordinary, ex._hf_params(chunks, cfg)
+
+
+def _rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12))
+
+
+@pytest.mark.parametrize("layout", [Layout(dp=2), Layout(tp=2, dp=2), Layout(pp=2)], ids=str)
+def test_sum_rule_is_the_ordinary_step(layout):
+    hf_sd = ex.hf_model().state_dict()
+    absent = {(1, "down")}  # a domain absent from one step
+    for dist_opt, overlap in ((False, False), (True, True)):
+        for ordinary, mgs in run_distributed(_ordinary_vs_sum, layout, hf_sd, dist_opt, overlap, absent=absent,
+                                             timeout=400):
+            for n in ordinary:
+                assert _rel(mgs[n], ordinary[n]) <= 1e-6, f"{layout} dist_opt={dist_opt}: {n}"
+
+
+def test_sum_rule_bf16_params_fp32_grads():
+    """bf16 parameters with fp32 main grads / params in the distributed optimizer."""
+    hf_sd = ex.hf_model().state_dict()
+    for ordinary, mgs in run_distributed(_ordinary_vs_sum, Layout(dp=2), hf_sd, True, False, torch.bfloat16,
+                                         timeout=400):
+        for n in ordinary:
+            assert _rel(mgs[n], ordinary[n]) <= 1e-6, n
+
+
+def _purity(hf_sd, dist_opt: bool):
+    """DP rank 0 holds only domain A ('up') micro-batches, rank 1 only B ('down'); both enter both domains."""
+    from megatron.core import parallel_state as ps
+
+    from mgs_megatron import MGSConfig, ModularGradientSurgery
+
+    cfg, chunks, optimizer = ex._setup(hf_sd, dist_opt, per_token=False)
+    mgs = ModularGradientSurgery(chunks, optimizer, MGSConfig(domains=("up", "down")), model_config=cfg)
+    rank = ps.get_data_parallel_rank()
+    for d, owner in (("up", 0), ("down", 1)):
+        with mgs.domain(d):
+            ex._run_domain(chunks, ex._micro_batches(0, d, rows_for_rank=slice(0, 2)) if rank == owner else [])
+    return {d: mgs.stashed_gradient(d) for d in ("up", "down")}
+
+
+def test_domain_purity():
+    """The stashed A gradient is the DP mean of A's gradient alone (B's micro-batches on the other rank never mix
+    in): compared with a plain Hugging Face backward over rank 0's A rows, divided by DP = 2."""
+    from mgs_megatron.convert import convert_mcore_state_dict, model_config_from_hf
+
+    model = ex.hf_model()
+    hf_sd = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = model_config_from_hf(ex.hf_config())
+    want = {}
+    for d in ("up", "down"):
+        model.zero_grad()
+        x, y = ex.domain_rows(0, d)
+        x, y = x[0:2], y[0:2]
+        losses = [torch.nn.functional.cross_entropy(model(input_ids=x[i:i + 1]).logits.float().reshape(-1, ex.VOCAB),
+                                                    y[i].reshape(-1)) for i in range(2)]
+        (sum(losses) / len(losses) / 2).backward()  # mean over micro-batches, DP mean with an idle rank
+        want[d] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for dist_opt in (False, True):
+        for got in run_distributed(_purity, Layout(dp=2), hf_sd, dist_opt, timeout=300):
+            for d in ("up", "down"):
+                hf = convert_mcore_state_dict(got[d], cfg)
+                for n in want[d]:
+                    assert _rel(hf[n], want[d][n]) <= 1e-5, f"dist_opt={dist_opt} domain {d}: {n}"
+
+
+def _bad_inputs(hf_sd):
+    from mgs_megatron import MGSConfig, MGSError, ModularGradientSurgery
+
+    cfg, chunks, optimizer = ex._setup(hf_sd, False)
+    errors = {}
+    try:
+        ModularGradientSurgery([c.module for c in chunks], optimizer, MGSConfig(domains=DOMAINS))
+    except MGSError as e:
+        errors["unwrapped"] = str(e)
+    mgs = ModularGradientSurgery(chunks, optimizer, MGSConfig(domains=DOMAINS), model_config=cfg)
+    try:
+        mgs.step()
+    except MGSError as e:
+        errors["no_domain"] = str(e)
+    try:
+        with mgs.domain("poetry"):
+            pass
+    except MGSError as e:
+        errors["undeclared"] = str(e)
+    try:
+        with mgs.domain("up"):
+            with mgs.domain("down"):
+                pass
+    except MGSError as e:
+        errors["nested"] = str(e)
+    try:
+        MGSConfig(domains=DOMAINS, rule="magic")
+    except ValueError as e:
+        errors["rule"] = str(e)
+    try:
+        MGSConfig(domains=())
+    except ValueError as e:
+        errors["domains"] = str(e)
+    return errors
+
+
+def test_bad_input_errors():
+    (errors,) = run_distributed(_bad_inputs, Layout(), ex.hf_model().state_dict(), timeout=200)
+    assert "not megatron.core DistributedDataParallel" in errors["unwrapped"]
+    assert "step() with no domain" in errors["no_domain"]
+    assert "'poetry' was not declared" in errors["undeclared"]
+    assert "cannot nest" in errors["nested"]
+    assert "'magic'" in errors["rule"]
+    assert "MGSConfig.domains" in errors["domains"]
+
+
+def test_harness_reports_rank_failure():
+    with pytest.raises(DistributedTestError, match="rank 1 failed"):
+        run_distributed(_fail_on_rank1, 2, timeout=60)
+
+
+def _fail_on_rank1():
+    import torch.distributed as dist
+
+    if dist.get_rank() == 1:
+        raise ValueError("boom")
+    return 0
