@@ -22,6 +22,7 @@ exactly the ordinary Megatron step over all domains.
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass, field, fields
 from typing import Optional, Sequence
 
@@ -214,6 +215,7 @@ class ModularGradientSurgery:
             raise MGSError(f"step() inside mgs.domain({self._active!r})")
         if not self._present:
             raise MGSError("step() with no domain: run each domain's micro-batches inside `with mgs.domain(name):`")
+        start = time.perf_counter()
         domains, rows = self._present_rows()
         K, M = len(domains), len(self.module_names)
         local = torch.zeros(M, K, K, dtype=torch.float32, device=self._stash.device)
@@ -230,9 +232,10 @@ class ModularGradientSurgery:
         Ws = (W * scale).to(torch.float32)
         for r in self._ranges:
             combine(r.seg_all, self._slice(rows, r.stash_offset, r.stash_offset + r.view.numel()), Ws, r.view)
-        extra = {"surgery/stash_bytes": float(self._stash.numel() * self._stash.element_size()),
-                 "surgery/allreduce_bytes": float(G.numel() * G.element_size()),
-                 "surgery/nonfinite_modules": float(nonfinite), "surgery/num_domains": float(K)}
+        extra = {"stash_bytes": float(self._stash.numel() * self._stash.element_size()),
+                 "allreduce_bytes": float(G.numel() * G.element_size()),
+                 "nonfinite_modules": float(nonfinite), "num_domains": float(K),
+                 "seconds": time.perf_counter() - start}
         stats = surgery_stats(Gv * scale * scale, W, self.module_names, domains, extra=extra)
         self.last_gram, self.last_weights, self.last_domains = Gv * scale * scale, W, domains
         return stats
