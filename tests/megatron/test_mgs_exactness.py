@@ -20,19 +20,19 @@ VOCAB, SEQ, ROWS, MBS, STEPS, LR, CLIP, ADAM_EPS = 128, 8, 4, 1, 3, 1e-2, 1.0, 1
 SEED = 5
 
 
-def hf_config():
+def hf_config(num_layers: int = 2):
     from transformers import Qwen2Config
 
-    return Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    return Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=num_layers,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                        rms_norm_eps=1e-6, tie_word_embeddings=False, rope_theta=1e6)
 
 
-def hf_model():
+def hf_model(num_layers: int = 2):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(hf_config()).float()
+    model = AutoModelForCausalLM.from_config(hf_config(num_layers)).float()
     with torch.no_grad():
         for n, p in model.named_parameters():
             if p.ndim == 1:
@@ -80,8 +80,8 @@ def reference_pcgrad(per_domain: list[dict], names: list[str], granularity: str,
     return out
 
 
-def reference_run(rule: str, granularity: str) -> dict:
-    model = hf_model()
+def reference_run(rule: str, granularity: str, num_layers: int = 2) -> dict:
+    model = hf_model(num_layers)
     names = [n for n, _ in model.named_parameters()]
     opt = torch.optim.Adam(model.parameters(), lr=LR, eps=ADAM_EPS)
     for step in range(STEPS):
@@ -106,7 +106,8 @@ def reference_run(rule: str, granularity: str) -> dict:
 
 
 # ---------------------------------------------------------------- Megatron + MGS (every rank)
-def _setup(hf_sd, dist_opt: bool, overlap: bool = False, per_token: bool = True, params_dtype=torch.float32):
+def _setup(hf_sd, dist_opt: bool, overlap: bool = False, per_token: bool = True, params_dtype=torch.float32,
+           num_layers: int = 2):
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig
@@ -116,12 +117,14 @@ def _setup(hf_sd, dist_opt: bool, overlap: bool = False, per_token: bool = True,
     from mgs_megatron.megatron.optim import build_optimizer, wrap_ddp
     from mgs_megatron.megatron.state import load_full_state_dict
 
-    cfg = model_config_from_hf(hf_config())
-    parallel = ParallelConfig(ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())
-    model = build_gpt_model(cfg, parallel, PrecisionConfig(params_dtype=params_dtype,
-                                                           calculate_per_token_loss=per_token))
-    load_full_state_dict([model], convert_hf_state_dict(hf_sd, cfg))
-    chunks = wrap_ddp([model], DistributedDataParallelConfig(
+    cfg = model_config_from_hf(hf_config(num_layers))
+    vpp = ps.get_virtual_pipeline_model_parallel_world_size()
+    parallel = ParallelConfig(ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
+                              vpp)
+    precision = PrecisionConfig(params_dtype=params_dtype, calculate_per_token_loss=per_token)
+    models = [build_gpt_model(cfg, parallel, precision, vp_stage=v) for v in range(vpp or 1)]
+    load_full_state_dict(models, convert_hf_state_dict(hf_sd, cfg))
+    chunks = wrap_ddp(models, DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=overlap, use_distributed_optimizer=dist_opt,
         bucket_size=2048 if overlap else None))
     optimizer = build_optimizer(chunks, OptimizerConfig(
@@ -158,12 +161,12 @@ def _hf_params(chunks, cfg):
     return convert_mcore_state_dict(gather_full_state_dict(chunks), cfg)
 
 
-def _mgs_train(hf_sd, runs, overlap=False, params_dtype=torch.float32):
+def _mgs_train(hf_sd, runs, overlap=False, params_dtype=torch.float32, num_layers=2):
     from mgs_megatron import MGSConfig, ModularGradientSurgery
 
     results = []
     for rule, granularity, dist_opt in runs:
-        cfg, chunks, optimizer = _setup(hf_sd, dist_opt, overlap, params_dtype=params_dtype)
+        cfg, chunks, optimizer = _setup(hf_sd, dist_opt, overlap, params_dtype=params_dtype, num_layers=num_layers)
         mgs = ModularGradientSurgery(chunks, optimizer, MGSConfig(rule=rule, granularity=granularity, seed=SEED,
                                                                   domains=DOMAINS), model_config=cfg)
         conflicts = 0.0
@@ -213,3 +216,16 @@ def test_pcgrad_differs_from_sum(references):
     plain = reference_run("sum", "parameter")
     diffs = [float((plain[n] - references["parameter"][n]).norm() / plain[n].norm()) for n in plain]
     assert max(diffs) > 1e-3
+
+
+def test_mgs_virtual_pipeline_chunks():
+    """Interleaved 1F1B with two model chunks per stage (PP4 x VPP2, 8 layers): the same single-process PCGrad.
+    (PP2 x VPP2 is not a valid interleaved layout: both directions of the ring go to the same peer, and Megatron's
+    batched send/recv pairs then mismatch activations and gradients -- Megatron-LM itself asks for PP > 2.)"""
+    want = reference_run("pcgrad", "parameter", num_layers=8)
+    hf_sd = hf_model(8).state_dict()
+    for rank_results in run_distributed(_mgs_train, Layout(pp=4, vpp=2), hf_sd, [("pcgrad", "parameter", True)],
+                                        num_layers=8, timeout=500):
+        (params, conflicts), = rank_results
+        assert conflicts > 0
+        _assert_close_params(params, want, 1e-5, "pp4 x vpp2")
