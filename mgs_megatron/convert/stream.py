@@ -111,23 +111,28 @@ def iter_canonical(chunks: Sequence[torch.nn.Module], cfg: ModelConfig, *, all_r
 def iter_hf_weights(chunks: Sequence[torch.nn.Module], cfg: ModelConfig, *, max_bytes: int = 1 << 30,
                     all_ranks: bool = True, dtype: Optional[torch.dtype] = None
                     ) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Groups of (HF name, full tensor) of at most ~max_bytes each; fused groups (q,k,v / gate,up) stay whole.
+    """Groups of (HF name, full tensor) of at most ~max_bytes each; fused groups (q,k,v / gate,up) stay whole,
+    and so do HF modules (a q_proj weight and its bias): vLLM leaves a module half-loaded when one reload call
+    carries only part of its tensors.
 
     A single canonical tensor larger than max_bytes forms a group of its own. Vocab padding is stripped.
     On non-receiving ranks (see module doc) the groups are empty lists, yielded at the same points.
     """
     group: list[tuple[str, torch.Tensor]] = []
     size = 0
+    last_modules: set[str] = set()
     for tm, full in iter_canonical(chunks, cfg, all_ranks=all_ranks):
         pieces = mcore_to_hf(tm, full, cfg) if full is not None else []
         if dtype is not None:
             pieces = [(n, t.to(dtype)) for n, t in pieces]
         nbytes = _nbytes_of(tm, cfg, dtype)
-        if size and size + nbytes > max_bytes:
+        modules = {n.rsplit(".", 1)[0] for n in tm.hf}
+        if size and size + nbytes > max_bytes and not (modules & last_modules):
             yield group
             group, size = [], 0
         group += pieces
         size += nbytes
+        last_modules = modules
     if size:
         yield group
 

@@ -151,6 +151,16 @@ def run_distributed(fn: Callable, layout: Layout | int, *args, timeout: float = 
     `layout` is a Layout (Megatron parallel_state is initialised, CPU backend active) or an int world size (plain
     gloo process group only). fn must be importable (module level); args and results travel through torch.save.
     """
+    for attempt in range(3):
+        try:
+            return _run_once(fn, layout, args, kwargs, timeout, seed)
+        except DistributedTestError as e:
+            # The free port is only free when chosen: another process can take it before the store binds it.
+            if attempt == 2 or "EADDRINUSE" not in str(e) and "Address already in use" not in str(e):
+                raise
+
+
+def _run_once(fn: Callable, layout, args: tuple, kwargs: dict, timeout: float, seed: int) -> list[Any]:
     world = layout if isinstance(layout, int) else layout.world_size
     pool = _POOLS.get(world)
     if pool is None or not pool.alive():

@@ -29,3 +29,15 @@ def lm_micro_batches(tokens: torch.Tensor, micro_batch_size: int) -> list[dict]:
 def dp_slice(rows: torch.Tensor, dp_rank: int, dp_size: int) -> torch.Tensor:
     per = rows.shape[0] // dp_size
     return rows[dp_rank * per:(dp_rank + 1) * per]
+
+
+@torch.no_grad()
+def randomize_hf_params(model: torch.nn.Module, matrix_std: float = 0.05, vector_std: float = 0.2):
+    """Random weights, and random norms / biases too (1 + noise, noise): a swapped or mis-fused 1-D tensor then
+    changes the output, which HF's default init (norms = 1, biases = 0) would hide."""
+    for name, p in model.named_parameters():
+        if p.ndim == 1:
+            p.copy_(1.0 + vector_std * torch.randn_like(p) if "norm" in name else vector_std * torch.randn_like(p))
+        else:
+            p.normal_(0.0, matrix_std)
+    return model

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from mgs_megatron.testing.tiny import randomize_hf_params
+
 VOCAB = 101  # odd: TP2 pads it to 102, so padding on import / stripping on export is exercised
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 16, "rope_theta": 500000.0}
@@ -39,12 +41,7 @@ def build(name: str, seed: int = 0):
     config = getattr(transformers, cls_name)(**kwargs)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
-    with torch.no_grad():  # random norms / biases too, so a swapped or mis-fused tensor changes the logits
-        for n, p in model.named_parameters():
-            if p.ndim == 1:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p) if "norm" in n else 0.2 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, 0.05)
+    randomize_hf_params(model)
     return model
 
 

@@ -176,3 +176,23 @@ def test_pp2_1f1b_equals_pp1():
     (_, _, last_stage_losses), = results[1]
     for got, want in zip(last_stage_losses, want_losses):
         assert got == pytest.approx(want, rel=1e-6)
+
+
+def _activate_report_deactivate():
+    from mgs_megatron.megatron import cpu_backend
+
+    cpu_backend.deactivate()  # pooled worker: an earlier task may have activated it (parallel.initialize re-activates)
+    original_empty = torch.empty
+    patches = cpu_backend.activate()
+    on_cpu = torch.empty(2, device="cuda").device.type
+    type_name = torch.zeros(1).type()
+    cpu_backend.deactivate()
+    return patches, on_cpu, type_name, torch.empty is original_empty, cpu_backend.is_active()
+
+
+def test_cpu_backend_reports_and_reverts():
+    (patches, on_cpu, type_name, restored, still_active), = run_distributed(_activate_report_deactivate, 1,
+                                                                           timeout=60)
+    assert any("current_device" in p for p in patches) and any("_get_cuda_rng_state" in p for p in patches)
+    assert on_cpu == "cpu" and type_name == "torch.cuda.FloatTensor"
+    assert restored and not still_active

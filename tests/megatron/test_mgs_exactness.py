@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mgs_megatron.testing.harness import Layout, run_distributed
-from mgs_megatron.testing.tiny import dp_slice
+from mgs_megatron.testing.tiny import dp_slice, randomize_hf_params
 
 DOMAINS = ("up", "down", "copy")
 VOCAB, SEQ, ROWS, MBS, STEPS, LR, CLIP, ADAM_EPS = 128, 8, 4, 1, 3, 1e-2, 1.0, 1e-4
@@ -33,12 +33,7 @@ def hf_model(num_layers: int = 2):
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(hf_config(num_layers)).float()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if p.ndim == 1:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in n else 0.1 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, 0.08)
+    randomize_hf_params(model, matrix_std=0.08, vector_std=0.1)
     return model
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from mgs_megatron.testing.tiny import randomize_hf_params
 from tests.convert import models as convert_models
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,12 +25,7 @@ def build(name: str, seed: int):
     config = getattr(transformers, cls_name)(**kwargs)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
-    with torch.no_grad():  # same recipe as the conversion tests (random norms / biases)
-        for n, p in model.named_parameters():
-            if p.ndim == 1:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p) if "norm" in n else 0.2 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, 0.05)
+    randomize_hf_params(model)
     return model
 
 

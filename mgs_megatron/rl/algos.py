@@ -1,0 +1,197 @@
+"""GRPO as small pure functions with registries (in the style of verl's core_algos).
+
+Shapes: per-sample tensors are [B]; per-token tensors are [B, T] with a float `mask` (1 = response token).
+Everything here is plain torch and framework-free; the trainer composes:
+
+    adv = compute_advantage("grpo", rewards, group_ids, norm_std=True)            # [B]
+    keep = nonzero_variance_groups(rewards, group_ids)                             # [B] bool
+    pg, pg_metrics = policy_loss("clip", logp, old_logp, adv[:, None] * mask, mask, clip_low, clip_high)
+    kl = kl_penalty("low_var_kl", logp, ref_logp)                                 # [B, T]
+    loss = pg + kl_coef * masked_sum(kl, mask) - entropy_coef * masked_sum(entropy, mask)
+
+Losses are returned as SUMS over masked tokens: the caller divides by the step's *global* token count
+("token-mean" over the whole step, across domains and ranks), which is what makes MGS's per-domain gradients sum
+exactly to the Mixed-RL gradient. `agg_loss(..., "token-mean")` is the local convenience version.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Sequence
+
+import torch
+
+ADVANTAGE_ESTIMATORS: Dict[str, Callable] = {}
+POLICY_LOSSES: Dict[str, Callable] = {}
+KL_ESTIMATORS: Dict[str, Callable] = {}
+
+
+def _register(table: dict, name: str):
+    def deco(fn):
+        table[name] = fn
+        return fn
+    return deco
+
+
+def register_advantage(name: str):
+    return _register(ADVANTAGE_ESTIMATORS, name)
+
+
+def register_policy_loss(name: str):
+    return _register(POLICY_LOSSES, name)
+
+
+def register_kl(name: str):
+    return _register(KL_ESTIMATORS, name)
+
+
+def _get(table: dict, kind: str, name: str):
+    if name not in table:
+        raise KeyError(f"unknown {kind} {name!r}; registered: {sorted(table)}")
+    return table[name]
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum()
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
+    return (x * mask).sum() / (mask.sum() + eps) if eps else (x * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def agg_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean") -> torch.Tensor:
+    """token-mean: sum / #tokens; seq-mean-token-mean: mean over sequences of each sequence's token mean;
+    token-sum: the plain masked sum."""
+    if mode == "token-mean":
+        return masked_mean(per_token, mask)
+    if mode == "seq-mean-token-mean":
+        per_seq = (per_token * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)
+        return per_seq.mean()
+    if mode == "token-sum":
+        return masked_sum(per_token, mask)
+    raise KeyError(f"unknown loss aggregation {mode!r}")
+
+
+def _group_index(group_ids: Sequence) -> tuple[torch.Tensor, int]:
+    """Dense group index per sample (order of first appearance) and the number of groups."""
+    ids: dict = {}
+    idx = [ids.setdefault(g if not isinstance(g, torch.Tensor) else g.item(), len(ids)) for g in group_ids]
+    return torch.tensor(idx, dtype=torch.long), len(ids)
+
+
+def group_stats(scores: torch.Tensor, group_ids: Sequence) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample (group mean, group std (unbiased, 0 for a group of one), group size)."""
+    idx, n = _group_index(group_ids)
+    scores = scores.to(torch.float64)
+    count = torch.zeros(n, dtype=torch.float64).index_add_(0, idx, torch.ones_like(scores))
+    mean = torch.zeros(n, dtype=torch.float64).index_add_(0, idx, scores) / count
+    sq = torch.zeros(n, dtype=torch.float64).index_add_(0, idx, (scores - mean[idx]) ** 2)
+    std = torch.where(count > 1, (sq / (count - 1).clamp_min(1)).sqrt(), torch.zeros_like(sq))
+    return mean[idx], std[idx], count[idx]
+
+
+# ------------------------------------------------------------------------------------------------ advantages
+@register_advantage("grpo")
+def grpo_advantage(scores: torch.Tensor, group_ids: Sequence, *, norm_std: bool = True,
+                   eps: float = 1e-6) -> torch.Tensor:
+    """GRPO outcome advantage: (r - mean_group) / (std_group + eps), or r - mean_group without std-normalisation.
+    A group of one gets advantage 0 (verl convention)."""
+    mean, std, count = group_stats(scores, group_ids)
+    adv = scores.to(torch.float64) - mean
+    if norm_std:
+        adv = adv / (std + eps)
+    adv = torch.where(count > 1, adv, torch.zeros_like(adv))
+    return adv.to(torch.float32)
+
+
+@register_advantage("rloo")
+def rloo_advantage(scores: torch.Tensor, group_ids: Sequence, **_) -> torch.Tensor:
+    """Leave-one-out baseline: r_i - mean_{j != i} r_j."""
+    mean, _, count = group_stats(scores, group_ids)
+    s = scores.to(torch.float64)
+    adv = torch.where(count > 1, count / (count - 1).clamp_min(1) * (s - mean), torch.zeros_like(s))
+    return adv.to(torch.float32)
+
+
+def compute_advantage(name: str, scores: torch.Tensor, group_ids: Sequence, **kw) -> torch.Tensor:
+    return _get(ADVANTAGE_ESTIMATORS, "advantage estimator", name)(scores, group_ids, **kw)
+
+
+def nonzero_variance_groups(scores: torch.Tensor, group_ids: Sequence, tol: float = 0.0) -> torch.Tensor:
+    """[B] bool: True where the sample's group has reward spread > tol (all-equal groups carry no GRPO signal
+    and are dropped by `filter_groups` / DAPO's dynamic sampling)."""
+    idx, n = _group_index(group_ids)
+    s = scores.to(torch.float64)
+    hi = torch.full((n,), -float("inf"), dtype=torch.float64).scatter_reduce(0, idx, s, "amax")
+    lo = torch.full((n,), float("inf"), dtype=torch.float64).scatter_reduce(0, idx, s, "amin")
+    return (hi - lo)[idx] > tol
+
+
+# ------------------------------------------------------------------------------------------------ policy loss
+@register_policy_loss("clip")
+def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                        clip_low: float = 0.2, clip_high: float = 0.2):
+    """PPO clipped surrogate with separate low/high clip (DAPO's clip-higher), summed over masked tokens.
+
+    per token: -min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A); returns (sum, metrics) where
+    metrics hold sums (clipfrac numerator, approx-KL numerator) so they can be reduced globally too.
+    """
+    log_ratio = (logp - old_logp).clamp(-20.0, 20.0)
+    ratio = log_ratio.exp()
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    per_token = torch.maximum(unclipped, clipped)
+    clipfrac = ((clipped > unclipped).to(per_token.dtype) * mask).sum()
+    approx_kl = (-log_ratio * mask).sum()  # E_old[log old - log new] numerator
+    return masked_sum(per_token, mask), {"clipfrac_sum": clipfrac.detach(), "ppo_kl_sum": approx_kl.detach()}
+
+
+def policy_loss(name: str, *args, **kw):
+    return _get(POLICY_LOSSES, "policy loss", name)(*args, **kw)
+
+
+# ------------------------------------------------------------------------------------------------ KL
+@register_kl("k1")
+def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    return logp - ref_logp
+
+
+@register_kl("abs")
+def kl_abs(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    return (logp - ref_logp).abs()
+
+
+@register_kl("mse")
+def kl_mse(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (logp - ref_logp) ** 2
+
+
+@register_kl("low_var_kl")
+def kl_low_var(logp: torch.Tensor, ref_logp: torch.Tensor, clamp: float = 10.0) -> torch.Tensor:
+    """Schulman's k3 estimator of KL(pi || ref): exp(ref - logp) - (ref - logp) - 1, >= 0, clamped like verl."""
+    d = (ref_logp - logp).clamp(-20.0, 20.0)
+    return (d.exp() - d - 1.0).clamp(min=-clamp, max=clamp)
+
+
+KL_ESTIMATORS["k3"] = kl_low_var
+
+
+def kl_penalty(name: str, logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    return _get(KL_ESTIMATORS, "KL estimator", name)(logp, ref_logp)
+
+
+# ------------------------------------------------------------------------------------------------ entropy
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Per-position entropy of softmax(logits) over the last dim (full vocabulary: TP=1, or gathered logits)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def token_logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+__all__ = ["ADVANTAGE_ESTIMATORS", "POLICY_LOSSES", "KL_ESTIMATORS", "register_advantage", "register_policy_loss",
+           "register_kl", "compute_advantage", "grpo_advantage", "rloo_advantage", "group_stats",
+           "nonzero_variance_groups", "policy_loss", "clipped_policy_loss", "kl_penalty", "kl_low_var",
+           "entropy_from_logits", "token_logprobs_from_logits", "masked_sum", "masked_mean", "agg_loss"]
