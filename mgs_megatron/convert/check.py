@@ -1,7 +1,7 @@
 """`--check`: HF logits (this process) vs Megatron logits of the converted checkpoint (TP x PP spawned gloo ranks).
 
-HF runs in the calling process on purpose: the CPU backend that the Megatron ranks activate breaks transformers'
-from_pretrained (rotary inv_freq buffers left uninitialised), so HF is never loaded inside a rank.
+HF runs in the calling process: it is the independent reference, so it shares nothing with the ranks (no CPU
+backend, no process group).
 """
 
 from __future__ import annotations

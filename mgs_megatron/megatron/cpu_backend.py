@@ -131,7 +131,18 @@ def _set_rng_state(new_state, device=-1, graph_safe=False):
     torch.set_rng_state(new_state)
 
 
+def _refresh_device_constructors() -> None:
+    # `with torch.device("meta"):` routes only functions found in this lru-cached set; if it were first built
+    # after patching it would hold our wrappers, the mode would miss the real factories they call, and
+    # e.g. transformers' meta-device loading would leave non-persistent buffers (rotary inv_freq) uninitialised.
+    from torch.utils import _device
+
+    _device._device_constructors.cache_clear()
+    _device._device_constructors()
+
+
 def _patch_torch() -> None:
+    _refresh_device_constructors()  # built from the real factories, before any is wrapped
     cuda = torch.cuda
     _set(cuda, "current_device", lambda: "cpu", "torch.cuda.current_device -> 'cpu'")
     _set(cuda, "synchronize", _noop_factory(), "torch.cuda.synchronize -> no-op")
@@ -196,6 +207,7 @@ def deactivate() -> None:
         setattr(owner, name, value)
     _ORIGINALS.clear()
     _PATCHES.clear()
+    _refresh_device_constructors()
     _ACTIVE = False
 
 

@@ -285,6 +285,9 @@ def validate(cfg: TrainConfig) -> None:
         sec, name = key.split(".")
         if getattr(getattr(cfg, sec), name) < 1:
             raise ConfigError(f"config key '{key}': must be >= 1, got {getattr(getattr(cfg, sec), name)}")
+    if cfg.model.path and cfg.model.hf_config:
+        raise ConfigError("config keys 'model.path' and 'model.hf_config' are both set: the model's config comes "
+                          "from model.path; clear the other (model.hf_config={})")
     if not (cfg.model.path or cfg.model.hf_config):
         raise ConfigError("config key 'model.path': set an HF model directory (or model.hf_config to start from "
                           "scratch)")

@@ -1,7 +1,7 @@
 """The RL trainer (GRPO; Mixed, Sequential or MGS), read top to bottom:
 
-    setup:  process groups -> model (+ frozen reference) -> DDP + Megatron optimizer (+ MGS) -> sampler, rewards,
-            rollout backend -> resume from the latest checkpoint
+    setup:  process groups -> supervised warm-up (cached) -> model (+ frozen reference) -> DDP + Megatron
+            optimizer (+ MGS) -> sampler, rewards, rollout backend -> resume from the latest checkpoint
     step:   sample prompts -> rollout -> reward -> GRPO advantages -> old/ref logprobs -> domain-pure micro-batches
             -> forward/backward (per domain under MGS; all at once for mixed/sequential) -> optimizer step
             -> weight sync -> metrics (JSONL + TensorBoard) -> validation / checkpoint / SIGTERM
@@ -28,6 +28,7 @@ from mgs_megatron.rl import algos
 from mgs_megatron.rl import checkpoint as ckpt
 from mgs_megatron.rl.config import TrainConfig, check_paths
 from mgs_megatron.rl.losses import STAT_NAMES, make_rl_loss
+from mgs_megatron.rl.warmup import maybe_warmup
 
 log = logging.getLogger("mgs_megatron.rl")
 
@@ -76,9 +77,13 @@ class Trainer:
         dtype = torch.bfloat16 if cfg.model.params_dtype == "bfloat16" else torch.float32
         precision = PrecisionConfig(params_dtype=dtype, calculate_per_token_loss=True)
 
-        # policy (+ frozen reference)
+        # supervised warm-up on noisy toy demonstrations (cached; None when off or resuming): the base policy
+        init = maybe_warmup(cfg, data, model_cfg=self.model_cfg, hf_config=self.hf_config, layout=self.layout,
+                            precision=precision, device=self.device, load_initial_weights=self._load_initial_weights)
+
+        # policy (+ frozen reference; both start from the warm-up when there is one)
         model = build_gpt_model(self.model_cfg, self.layout, precision)
-        self._load_initial_weights([model])
+        self._load_initial_weights([model], init)
         self.ref = None
         if cfg.algo.kl_coef:
             self.ref = [build_gpt_model(self.model_cfg, self.layout, precision)]
@@ -136,15 +141,18 @@ class Trainer:
                 except Exception as e:  # noqa: BLE001 - metrics still go to JSONL
                     log.warning("TensorBoard disabled: %s", e)
 
-    def _load_initial_weights(self, chunks) -> None:
+    def _load_initial_weights(self, chunks, checkpoint=None) -> None:
         from mgs_megatron.convert import hf_to_mcore_checkpoint, load_checkpoint
+        from mgs_megatron.convert.checkpoint import META
 
-        if self.cfg.model.init_checkpoint:
+        if checkpoint is not None:
+            load_checkpoint(chunks, checkpoint)
+        elif self.cfg.model.init_checkpoint:
             load_checkpoint(chunks, self.cfg.model.init_checkpoint)
         elif self.cfg.model.path:
             cache = self.out / "init_mcore"
-            if self.rank == 0 and not (cache / "metadata.json").exists() and not cache.exists():
-                hf_to_mcore_checkpoint(self.cfg.model.path, cache, progress=False)
+            if self.rank == 0 and not (cache / META).exists():  # written last: a complete conversion
+                hf_to_mcore_checkpoint(self.cfg.model.path, cache, overwrite=True, progress=False)
             dist.barrier()
             load_checkpoint(chunks, cache)
         # else: from scratch (Megatron's seeded init; the same on every layout)
@@ -451,20 +459,32 @@ class Trainer:
 
 
 def summary_table(metrics_file: Path, domains=None) -> str:
-    """Per-domain reward at the start vs the end of a run (mean of the first / last 3 steps)."""
+    """Per-domain reward at the start vs the end of a run, each measured the same way: the training reward as the
+    mean over the first / last k steps (k = a fifth of the run, 1..10), and, when the run validated, the greedy
+    validation reward at the first vs the last validation (step 0 = before any RL update)."""
     rows = [json.loads(ln) for ln in Path(metrics_file).read_text().splitlines() if ln.strip()]
+    val = [r for r in rows if any(k.startswith("val/") for k in r)]
     rows = [r for r in rows if r.get("step", 0) > 0 and any(k.startswith("reward/") for k in r)]
     if not rows:
         return "(no metrics)"
     domains = domains or sorted({k.split("/")[1] for r in rows for k in r if k.startswith("reward/")} - {"all"})
-    k = min(3, max(1, len(rows) // 3))
-    lines = [f"{'domain':<8} {'start':>8} {'end':>8} {'delta':>8}"]
+    k = min(10, max(1, len(rows) // 5))
+    lines = [f"{'domain':<8} {'start':>8} {'end':>8} {'delta':>8}   (train reward: mean of the first vs last {k} "
+             f"steps)"]
     for d in domains:
         vals = [r[f"reward/{d}"] for r in rows if f"reward/{d}" in r]
         if not vals:
             continue
         a, b = sum(vals[:k]) / len(vals[:k]), sum(vals[-k:]) / len(vals[-k:])
         lines.append(f"{d:<8} {a:>8.3f} {b:>8.3f} {b - a:>+8.3f}")
+    if len(val) >= 2:
+        lines.append(f"{'':<8} {'':>8} {'':>8} {'':>8}   (validation, greedy: step {val[0]['step']} vs step "
+                     f"{val[-1]['step']})")
+        for d in domains:
+            key = f"val/{d}/reward"
+            if key in val[0] and key in val[-1]:
+                a, b = val[0][key], val[-1][key]
+                lines.append(f"{'val/' + d:<8} {a:>8.3f} {b:>8.3f} {b - a:>+8.3f}")
     return "\n".join(lines)
 
 

@@ -27,8 +27,7 @@ def _build(mcore_dir: str):
 
 
 def _hf_reference(hf_dir: Path) -> None:
-    """HF logits computed in the parent process: under the CPU backend (active in the ranks) transformers'
-    from_pretrained leaves the rotary inv_freq buffers uninitialised (reported to the lead)."""
+    """HF logits computed in the parent process, apart from the ranks and their CPU backend."""
     import transformers
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()

@@ -196,3 +196,35 @@ def test_cpu_backend_reports_and_reverts():
     assert any("current_device" in p for p in patches) and any("_get_cuda_rng_state" in p for p in patches)
     assert on_cpu == "cpu" and type_name == "torch.cuda.FloatTensor"
     assert restored and not still_active
+
+
+def _hf_load_under_backend(path: str):
+    from transformers import AutoModelForCausalLM
+
+    from mgs_megatron.megatron import cpu_backend
+
+    cpu_backend.deactivate()
+    cpu_backend.activate()
+    try:
+        with torch.device("meta"):
+            meta_device = torch.tensor([]).device.type
+        model = AutoModelForCausalLM.from_pretrained(path)
+        return meta_device, {k: v.clone() for k, v in model.named_buffers()}
+    finally:
+        cpu_backend.deactivate()
+
+
+def test_hf_loading_under_backend_initialises_buffers(tmp_path):
+    """Loading an HF model while the backend is active (as the trainer loads its reward model) must give the same
+    non-persistent buffers (rotary inv_freq, built on the meta device) as a clean process."""
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1)
+    Qwen2ForCausalLM(cfg).save_pretrained(tmp_path)
+    want = dict(AutoModelForCausalLM.from_pretrained(tmp_path).named_buffers())
+    (meta_device, got), = run_distributed(_hf_load_under_backend, 1, str(tmp_path), timeout=120)
+    assert meta_device == "meta"
+    assert want.keys() == got.keys() and want
+    for k in want:
+        assert torch.equal(want[k], got[k]), k

@@ -20,7 +20,8 @@ def base_overrides(toy, out) -> list[str]:
             "run.export_hf=false", "run.tensorboard=false", f"model.tokenizer={toy['tokenizer']}",
             f"data.sources=[{toy['math']},{toy['if']},{toy['chat']}]",
             f"rewards.chat.kwargs.model_path={toy['reward_model']}", "rollout.max_response_len=8",
-            "data.prompts_per_step=3", "rollout.n=2"]
+            "data.prompts_per_step=3", "rollout.n=2", "warmup.steps=0",
+            "rollout.backend=megatron"]
 
 
 def mgs_train(args, timeout=240, **popen):

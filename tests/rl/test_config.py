@@ -31,7 +31,9 @@ def test_file_level_checks(tmp_path, toy):
     ov = base_overrides(toy, tmp_path / "o")
     check_paths(load_config(TINY, ov))
     with pytest.raises(ConfigError, match="model.path.*not reachable"):
-        check_paths(load_config(TINY, ov + [f"model.path={tmp_path}/missing"]))
+        check_paths(load_config(TINY, ov + [f"model.path={tmp_path}/missing", "model.hf_config={}"]))
+    with pytest.raises(ConfigError, match="'model.path' and 'model.hf_config' are both set"):
+        load_config(TINY, ov + [f"model.path={tmp_path}"])
     poetry = tmp_path / "poetry.jsonl"
     poetry.write_text(json.dumps({"domain": "poetry", "prompt": "A poem."}) + "\n")
     with pytest.raises(ConfigError, match="rewards.poetry.*no reward"):

@@ -84,3 +84,33 @@ def test_sigterm_leaves_loadable_checkpoint(tmp_path, toy):
         s = torch.load(ck / f"rank_{rank}.pt", weights_only=False)
         assert s["model"] and s["optimizer"]["optimizers"]
     assert not list((out / "checkpoints").glob(".tmp_*"))
+
+
+def test_start_from_hf_model(tmp_path, toy):
+    """model.path = an HF directory: converted once (cached in init_mcore/), loaded on every rank; with lr 0 the
+    exported HF model at the end must be the input model, tensor for tensor."""
+    import yaml
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from mgs_megatron.testing.tiny import randomize_hf_params
+
+    hf_config = yaml.safe_load((ROOT / "examples" / "tiny_cpu.yaml").read_text())["model"]["hf_config"]
+    hf_dir = tmp_path / "hf_in"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**hf_config))
+    randomize_hf_params(model)
+    model.save_pretrained(hf_dir)
+    out = tmp_path / "run"
+    args = base_overrides(toy, out) + [f"model.path={hf_dir}", "model.hf_config={}", "run.export_hf=true",
+                                       "optim.lr=0.0", "strategy=mixed", "run.total_steps=1"]
+    r = mgs_train(args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "init_mcore" / "mgs_checkpoint.json").exists()
+    want = load_file(hf_dir / "model.safetensors")
+    got = {k: v for f in sorted((out / "hf").glob("*.safetensors")) for k, v in load_file(f).items()}
+    assert want.keys() == got.keys()
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+    r = mgs_train(args[:-1] + ["run.total_steps=2"])  # resumes; the cached conversion is not redone
+    assert r.returncode == 0, r.stderr[-3000:]
