@@ -74,6 +74,7 @@ class RolloutEngine:
             self.llm = LLM(**self.kwargs)
         except Exception as e:  # noqa: BLE001 - surface vLLM's own message
             raise RolloutError(f"vLLM engine start failed for {model_path}: {type(e).__name__}: {e}") from e
+        _quiet_per_sync_logs()
         self.tokenizer = AutoTokenizer.from_pretrained(self.kwargs["tokenizer"])
         self.version = 0            # 0 = the weights the engine started with
         self.invalid_reason: Optional[str] = None
@@ -214,6 +215,20 @@ class RolloutEngine:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class _DropRotaryReloadWarning(logging.Filter):
+    # vLLM's in-place reload warns "RotaryEmbedding: Failed to load weights" on every sync: its cos/sin cache is
+    # no checkpoint weight, and vLLM puts the existing cache back (the sync tests check logprobs after a sync).
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.args and record.args[0] == "RotaryEmbedding" and "Failed to load" in record.msg)
+
+
+def _quiet_per_sync_logs() -> None:
+    """Keep vLLM's per-sync INFO lines (reload time, prefix-cache reset) and the warning above out of the logs."""
+    logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_DropRotaryReloadWarning())
+    for name in ("vllm.model_executor.model_loader.reload.inplace", "vllm.v1.core.block_pool"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _refresh_tied_lm_head(worker) -> bool:
