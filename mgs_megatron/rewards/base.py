@@ -44,6 +44,7 @@ class Reward:
     """Base class. Override `score_one` (item by item) or `score_batch` (batched, e.g. a reward model)."""
 
     name = "reward"
+    has_accuracy = False  # True where full marks mean "correct" (acc/<domain> = fraction at score >= 1)
 
     def score_one(self, item: RewardInput) -> float:
         raise NotImplementedError
@@ -129,6 +130,13 @@ def import_by_path(path: str) -> Any:
 def _ensure_builtin_registered() -> None:
     # Builtins register on import; import lazily so `base` stays light (no torch / math_verify here).
     from . import chat_rm, ifeval, math_reward, worker  # noqa: F401
+
+
+def reward_has_accuracy(name_or_path: str) -> bool:
+    """Whether a registered reward's full marks mean "correct" (without building it: no model is loaded)."""
+    _ensure_builtin_registered()
+    obj = REWARD_REGISTRY.get(DOMAIN_DEFAULTS.get(name_or_path, name_or_path))
+    return bool(getattr(obj, "has_accuracy", False))
 
 
 def build_reward(name_or_path: str, **kwargs) -> Reward:

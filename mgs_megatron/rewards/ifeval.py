@@ -167,6 +167,7 @@ class IFEvalReward(Reward):
     in-process; a checker error becomes a counted failure (score 0) through the base class."""
 
     name = "ifeval"
+    has_accuracy = True
 
     def __init__(self, loose: bool = False, all_or_nothing: bool = False):
         self.loose, self.all_or_nothing = loose, all_or_nothing

@@ -13,7 +13,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from .base import FAILED, TIMEOUT, Reward, RewardInput, ScoreOutcome, build_reward, safe_score_batch
+from .base import (FAILED, TIMEOUT, Reward, RewardInput, ScoreOutcome, build_reward, reward_has_accuracy,
+                   safe_score_batch)
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,13 @@ class RewardManager:
                 raise KeyError(f"no reward configured for domain {domain!r}")
             self._rewards[domain] = build_reward(spec.reward, **spec.kwargs)
         return self._rewards[domain]
+
+    def accuracy_threshold(self, domain: str) -> float | None:
+        """The score that means "correct" for this domain (its weight), or None where accuracy is not defined."""
+        spec = self.config.domains.get(domain)
+        if spec is None or not reward_has_accuracy(spec.reward):
+            return None
+        return spec.weight
 
     def score(self, items: Sequence[RewardInput]) -> RewardBatchResult:
         by_domain: dict[str, list[int]] = defaultdict(list)

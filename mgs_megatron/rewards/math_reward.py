@@ -108,6 +108,7 @@ class MathReward(Reward):
     for debugging and for callers that guarantee short inputs). The gold answer is `sample[answer_key]`."""
 
     name = "math_verify"
+    has_accuracy = True
 
     def __init__(self, timeout_s: float = 5.0, num_workers: int = 1, executor: str = "process",
                  fallback: str = "last_number", answer_key: str = "answer", max_response_chars: int = 20000):

@@ -37,6 +37,8 @@ class RunSection:
     val_every: int = 0                  # 0: no periodic validation (still at start and end if val_prompts > 0)
     val_prompts_per_domain: int = 0
     tensorboard: bool = True
+    wandb: bool = False                 # also log to Weights & Biases (pip install wandb; WANDB_MODE as usual)
+    wandb_project: str = ""             # default: the run name
     resume: str = "auto"                # auto | never
     export_hf: bool = True              # final HF export to <output_dir>/hf
     progress: bool = True

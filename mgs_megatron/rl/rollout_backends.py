@@ -29,6 +29,8 @@ def _gather(mine: list, keep_first_of: int = 1) -> list:
 
 
 class RolloutBackend:
+    reports_logprobs = True  # Rollout.response_logprobs are the engine's own (rollout/logprob_diff is meaningful)
+
     def generate(self, prompts: Sequence, n: int, *, step: int, temperature: Optional[float] = None
                  ) -> list[Rollout]:
         raise NotImplementedError
@@ -43,7 +45,9 @@ class RolloutBackend:
 class MegatronSampler(RolloutBackend):
     """Sampling with the Megatron model itself. Each DP rank generates a contiguous share of the prompts (its TP/PP
     peers run the same forwards); seeds depend on (seed, step, prompt index) only, so results do not depend on the
-    layout or on a resume."""
+    layout or on a resume. Its rollouts carry no logprobs (the trainer recomputes them)."""
+
+    reports_logprobs = False
 
     def __init__(self, chunks, tokenizer, vocab_size: int, *, max_prompt_len: int, max_response_len: int,
                  temperature: float, top_p: float, seed: int, batch_size: int = 64):
@@ -139,8 +143,6 @@ class MegatronSampler(RolloutBackend):
                 finish = "stop" if r and r[-1] == self.eos else "length"
                 text = self.tok.decode([t for t in r if t != self.eos], skip_special_tokens=True)
                 mine.append(Rollout(encoded[g], r, [0.0] * len(r), text, finish, g, k))
-        mp_peers = ps.get_tensor_model_parallel_world_size() * ps.get_pipeline_model_parallel_world_size()
-        del mp_peers
         return _gather(mine)
 
 

@@ -28,6 +28,7 @@ from mgs_megatron.rl import algos
 from mgs_megatron.rl import checkpoint as ckpt
 from mgs_megatron.rl.config import TrainConfig, check_paths
 from mgs_megatron.rl.losses import STAT_NAMES, make_rl_loss
+from mgs_megatron.rl.metrics import MetricsWriter, accuracy, reduce_max, system_stats
 from mgs_megatron.rl.warmup import maybe_warmup
 
 log = logging.getLogger("mgs_megatron.rl")
@@ -133,13 +134,9 @@ class Trainer:
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-            if cfg.run.tensorboard:
-                try:
-                    from torch.utils.tensorboard import SummaryWriter
-
-                    self.writer = SummaryWriter(str(self.out / "tensorboard"))
-                except Exception as e:  # noqa: BLE001 - metrics still go to JSONL
-                    log.warning("TensorBoard disabled: %s", e)
+            self.writer = MetricsWriter(self.out, config=cfg.to_dict(), run_name=cfg.run.name,
+                                        tensorboard=cfg.run.tensorboard, wandb=cfg.run.wandb,
+                                        wandb_project=cfg.run.wandb_project)
 
     def _load_initial_weights(self, chunks, checkpoint=None) -> None:
         from mgs_megatron.convert import hf_to_mcore_checkpoint, load_checkpoint
@@ -222,10 +219,14 @@ class Trainer:
                 metrics[f"reward/{d}"] = float(r[idx].mean())
                 metrics[f"response_length/{d}"] = sum(len(rollouts[i].response_ids) for i in idx) / len(idx)
                 metrics[f"reward_std/{d}"] = float(r[idx].std()) if len(idx) > 1 else 0.0
+                threshold = self.rewards.accuracy_threshold(d)
+                if threshold is not None:
+                    metrics[f"acc/{d}"] = accuracy(r[idx].tolist(), threshold)
         metrics["reward/all"] = float(r.mean())
         metrics["samples_kept"] = len(keep)
         # 5. domain-pure micro-batches for this DP rank, old/ref logprobs
-        plan, seq_len = self._micro_batches(rollouts, adv, domains, keep)
+        plan, seq_len, lp_diff = self._micro_batches(rollouts, adv, domains, keep)
+        metrics.update(lp_diff)
         t_lp = time.perf_counter()
         # 6-7. forward/backward and the optimizer step
         self._set_train(True)
@@ -263,6 +264,7 @@ class Trainer:
         t_end = time.perf_counter()
         metrics.update({"time/generate": t_gen - t0, "time/reward": t_rew - t_gen, "time/logprobs": t_train - t_lp,
                         "time/step": t_end - t0})
+        metrics.update(reduce_max(system_stats(self.device)))
         self.step += 1
         return metrics
 
@@ -302,9 +304,10 @@ class Trainer:
         return [s for p in parts for s in p]
 
     def _micro_batches(self, rollouts, adv, domains, keep):
-        """[(domain, micro-batch dict)] of this DP rank, padded to one global sequence length."""
+        """[(domain, micro-batch dict)] of this DP rank, padded to one global sequence length; the old
+        (Megatron) logprobs against the rollout engine's: rollout/logprob_diff_{max,mean} over all ranks."""
         from mgs_megatron.data import plan_microbatches
-        from mgs_megatron.rollout.logprobs import megatron_token_logprobs
+        from mgs_megatron.rollout.logprobs import logprob_diff, megatron_token_logprobs
 
         mbs = self.cfg.optim.micro_batch_size
         kept_domains = [domains[i] for i in keep]
@@ -316,6 +319,14 @@ class Trainer:
         V = self.model_cfg.vocab_size
         old = megatron_token_logprobs(self.chunks, seqs, plens, V) if mine else []
         ref = megatron_token_logprobs(self.ref, seqs, plens, V) if (mine and self.ref) else old
+        diff = {}
+        if self.backend.reports_logprobs:
+            diff = logprob_diff([rollouts[i] for i in mine], old)
+            n = diff["rollout/logprob_tokens"]
+            red = torch.tensor([diff["rollout/logprob_diff_mean"] * n, n], dtype=torch.float64)
+            dist.all_reduce(red)  # TP/PP duplicates weigh every DP share equally: the mean is unchanged
+            diff = {"rollout/logprob_diff_max": reduce_max({"m": diff["rollout/logprob_diff_max"]})["m"],
+                    "rollout/logprob_diff_mean": float(red[0] / red[1].clamp_min(1.0))}
         where = {i: k for k, i in enumerate(mine)}
         pad = self.tokenizer.pad_token_id or 0
         out = []
@@ -336,7 +347,7 @@ class Trainer:
                     b["old_logp"][row, P - 1:L - 1] = old[k].float()
                     b["ref_logp"][row, P - 1:L - 1] = ref[k].float()
             out.append((mb.domain, b))
-        return out, seq_len
+        return out, seq_len, diff
 
     # ================================================================================================ validation
     def validate(self) -> dict:
@@ -386,30 +397,15 @@ class Trainer:
 
     # ================================================================================================ metrics
     def _log(self, metrics: dict) -> None:
-        if not self.is_main:
-            return
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(metrics) + "\n")
         if self.writer is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.writer.add_scalar(k, v, metrics["step"])
-            self.writer.flush()
-
-    def _truncate_metrics(self) -> None:
-        """After a resume, drop metric lines of steps past the checkpoint (they will be redone)."""
-        f = self.out / "metrics.jsonl"
-        if not self.is_main or not f.exists():
-            return
-        lines = [ln for ln in f.read_text().splitlines() if ln.strip()]
-        kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= self.step]
-        f.write_text("".join(ln + "\n" for ln in kept))
+            self.writer.log(metrics)
 
     # ================================================================================================ the loop
     def fit(self) -> list[dict]:
         cfg = self.cfg
         signal.signal(signal.SIGTERM, _on_sigterm)
-        self._truncate_metrics()
+        if self.writer is not None:
+            self.writer.truncate_after(self.step)
         bar = None
         if self.is_main and cfg.run.progress:
             from tqdm import tqdm
