@@ -84,6 +84,7 @@ class RolloutSection:
     kv_cache_bytes: int = 268435456
     dtype: str = "float32"
     rollout_tp: int = 1
+    logprob_diff_warn: float = 0.0      # warn when max |vLLM - Megatron| token logprob exceeds this (0: off)
 
 
 @dataclass

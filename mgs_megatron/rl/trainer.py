@@ -227,6 +227,11 @@ class Trainer:
         # 5. domain-pure micro-batches for this DP rank, old/ref logprobs
         plan, seq_len, lp_diff = self._micro_batches(rollouts, adv, domains, keep)
         metrics.update(lp_diff)
+        warn = cfg.rollout.logprob_diff_warn
+        if warn and lp_diff.get("rollout/logprob_diff_max", 0.0) > warn and self.is_main:
+            log.warning("step %d: rollout/logprob_diff_max %.3g > rollout.logprob_diff_warn %.3g: the rollout "
+                        "engine's weights may not match Megatron's (a failed sync?)", self.step + 1,
+                        lp_diff["rollout/logprob_diff_max"], warn)
         t_lp = time.perf_counter()
         # 6-7. forward/backward and the optimizer step
         self._set_train(True)
