@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from mgs_megatron.megatron.model import ModelConfig
 from mgs_megatron.megatron.module_map import counted_once, param_layouts
+from mgs_megatron.megatron.schedule import is_loss_reporting_rank
 from mgs_megatron.surgery import SurgeryConfig, build_segments, combine, gram, surgery_stats, weights_from_gram
 from mgs_megatron.surgery.segments import local_module_names
 
@@ -223,7 +224,7 @@ class ModularGradientSurgery:
             gram(r.seg_gram, self._slice(rows, r.stash_offset, r.stash_offset + r.view.numel()), out=local)
         G = torch.empty(M * K * K + 1, dtype=torch.float64, device=local.device)
         G[:-1] = local.flatten()
-        G[-1] = self._local_tokens if self._counts_tokens() else 0.0
+        G[-1] = self._local_tokens if is_loss_reporting_rank() else 0.0
         dist.all_reduce(G)  # one all-reduce: the Gram of every module, plus the step's token count
         scale = 1.0 / max(float(G[-1]), 1.0) if self.per_token else 1.0
         Gv = G[:-1].view(M, K, K).to(torch.float32)
@@ -239,11 +240,6 @@ class ModularGradientSurgery:
         stats = surgery_stats(Gv * scale * scale, W, self.module_names, domains, extra=extra)
         self.last_gram, self.last_weights, self.last_domains = Gv * scale * scale, W, domains
         return stats
-
-    def _counts_tokens(self) -> bool:
-        from megatron.core import parallel_state as ps
-
-        return ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
 
     def step(self):
         """Surgery, then the optimizer's own clip + step. Returns (ok, grad_norm, num_zeros, stats)."""

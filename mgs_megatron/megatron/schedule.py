@@ -23,6 +23,23 @@ def token_mean_lm_loss(per_token_loss: torch.Tensor, batch: dict):
     return loss_sum, num_tokens, {"lm_loss": torch.stack([loss_sum.detach(), num_tokens.float()])}
 
 
+def is_loss_reporting_rank() -> bool:
+    """Whether this rank's loss outputs count: the last pipeline stage, TP rank 0 (other TP ranks hold copies)."""
+    from megatron.core import parallel_state as ps
+
+    return ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
+
+
+def sum_reported(stats: torch.Tensor) -> torch.Tensor:
+    """All-reduce (sum, in place) per-rank sums of loss outputs over the world, counting each micro-batch once."""
+    import torch.distributed as dist
+
+    if not is_loss_reporting_rank():
+        stats.zero_()
+    dist.all_reduce(stats)
+    return stats
+
+
 def configure_grad_sync(ddp_chunks: Sequence[torch.nn.Module]) -> None:
     """Let Megatron's schedules drive DDP: no_sync during accumulation, finalize_model_grads at the end."""
     from megatron.core.distributed import finalize_model_grads

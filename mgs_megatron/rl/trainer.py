@@ -188,10 +188,8 @@ class Trainer:
 
     # ================================================================================================ one step
     def train_step(self) -> dict:
-        from megatron.core import parallel_state as ps
-
         from mgs_megatron.megatron.optim import zero_grads
-        from mgs_megatron.megatron.schedule import forward_backward
+        from mgs_megatron.megatron.schedule import forward_backward, sum_reported
 
         cfg, t0 = self.cfg, time.perf_counter()
         metrics: dict = {"step": self.step + 1}
@@ -253,11 +251,7 @@ class Trainer:
                 stats += self._sum_stats(forward_backward(self.chunks, mbs, num_microbatches=len(mbs), **fb))
             ok, grad_norm, _ = self.optimizer.step()
         t_train = time.perf_counter()
-        if ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0:
-            pass
-        else:
-            stats.zero_()
-        dist.all_reduce(stats)
+        sum_reported(stats)
         ntok = max(float(stats[-1]), 1.0)
         for i, name in enumerate(STAT_NAMES):
             metrics[name] = float(stats[i]) / ntok

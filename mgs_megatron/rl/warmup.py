@@ -137,7 +137,7 @@ def run_sft(chunks, optimizer, encoded: list[tuple[list[int], int]], *, steps: i
     from megatron.core import parallel_state as ps
 
     from mgs_megatron.megatron.optim import zero_grads
-    from mgs_megatron.megatron.schedule import forward_backward
+    from mgs_megatron.megatron.schedule import forward_backward, sum_reported
 
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     rng = random.Random(seed)
@@ -163,9 +163,7 @@ def run_sft(chunks, optimizer, encoded: list[tuple[list[int], int]], *, steps: i
                                 micro_batch_size=micro_batch_size)
         optimizer.step()
         st = torch.stack([o["lm_loss"] for o in outs]).sum(0).double() if outs else torch.zeros(2, dtype=torch.float64)
-        if not (ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0):
-            st.zero_()
-        dist.all_reduce(st)
+        sum_reported(st)
         losses.append(float(st[0] / st[1].clamp_min(1)))
         if dist.get_rank() == 0 and (step + 1) % log_every == 0:
             print(f"[warm-up] step {step + 1}/{steps} loss {sum(losses[-log_every:]) / log_every:.3f} "

@@ -226,7 +226,9 @@ class _DropRotaryReloadWarning(logging.Filter):
 
 def _quiet_per_sync_logs() -> None:
     """Keep vLLM's per-sync INFO lines (reload time, prefix-cache reset) and the warning above out of the logs."""
-    logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_DropRotaryReloadWarning())
+    layerwise = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    if not any(isinstance(f, _DropRotaryReloadWarning) for f in layerwise.filters):  # one per process, not engine
+        layerwise.addFilter(_DropRotaryReloadWarning())
     for name in ("vllm.model_executor.model_loader.reload.inplace", "vllm.v1.core.block_pool"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
