@@ -160,6 +160,40 @@ def run_distributed(fn: Callable, layout: Layout | int, *args, timeout: float = 
                 raise
 
 
+# A rank that fails tears down its process group, so its peers then fail inside a collective with one of these.
+_PEER_LOSS = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Connection refused")
+
+
+def _is_peer_loss(tb: str) -> bool:
+    return any(marker in tb for marker in _PEER_LOSS)
+
+
+def _collect_failures(pool: "_Pool", task_id: int, failures: dict[int, str], pending: int,
+                      grace: float = 10.0) -> dict[int, str]:
+    """After a first failure, wait briefly for the other ranks' reports: the first to arrive is often only a peer
+    that lost its connection to the rank that really failed."""
+    deadline = time.monotonic() + grace
+    while len(failures) < pending and time.monotonic() < deadline:
+        try:
+            tid, rank, status, value = pool.outbox.get(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+        except queue.Empty:
+            continue
+        if tid == task_id:
+            if status == "error":
+                failures[rank] = value
+            else:
+                pending -= 1
+    return failures
+
+
+def _failure_report(what: str, failures: dict[int, str]) -> str:
+    """The root cause first: ranks whose failure is not a lost peer, then the rest, by arrival order."""
+    ranks = sorted(failures, key=lambda r: _is_peer_loss(failures[r]))  # stable: keeps arrival order otherwise
+    report = [f"{what}: rank {ranks[0]} failed:\n{failures[ranks[0]]}"]
+    report += [f"(then rank {r} failed:\n{failures[r]})" for r in ranks[1:]]
+    return "\n".join(report)
+
+
 def _run_once(fn: Callable, layout, args: tuple, kwargs: dict, timeout: float, seed: int) -> list[Any]:
     world = layout if isinstance(layout, int) else layout.world_size
     pool = _POOLS.get(world)
@@ -192,7 +226,8 @@ def _run_once(fn: Callable, layout, args: tuple, kwargs: dict, timeout: float, s
             if task_id != task["id"]:
                 continue
             if status == "error":
-                raise DistributedTestError(f"{fn.__name__} at {layout}: rank {rank} failed:\n{value}")
+                failures = _collect_failures(pool, task["id"], {rank: value}, world - len(gathered))
+                raise DistributedTestError(_failure_report(f"{fn.__name__} at {layout}", failures))
             gathered[rank] = _loads(value)
         ok = True
     finally:

@@ -153,8 +153,36 @@ def test_bad_input_errors():
 
 
 def test_harness_reports_rank_failure():
-    with pytest.raises(DistributedTestError, match="rank 1 failed"):
+    # Rank 0 may report first (its barrier loses rank 1's connection); the report must still lead with rank 1.
+    with pytest.raises(DistributedTestError, match=r"^_fail_on_rank1 at 2: rank 1 failed:\n(.|\n)*ValueError: boom"):
         run_distributed(_fail_on_rank1, 2, timeout=60)
+
+
+def test_harness_reports_root_cause_when_peer_reports_first():
+    with pytest.raises(DistributedTestError, match=r"^_fail_on_rank1_late at 2: rank 1 failed:\n(.|\n)*boom late"):
+        run_distributed(_fail_on_rank1_late, 2, timeout=60)
+
+
+def _fail_on_rank1_late():
+    import time
+
+    import torch.distributed as dist
+
+    if dist.get_rank() == 1:
+        dist.destroy_process_group()  # rank 0's barrier now fails and reports first
+        time.sleep(2)
+        raise ValueError("boom late")
+    return 0
+
+
+def test_failure_report_puts_root_cause_first():
+    from mgs_megatron.testing.harness import _failure_report
+
+    lost = "RuntimeError: [pair.cc:537] Read error [127.0.0.1]:11401: Connection reset by peer."
+    report = _failure_report("f at 2", {0: lost, 1: "ValueError: boom"})
+    assert report.startswith("f at 2: rank 1 failed:\nValueError: boom")
+    assert "(then rank 0 failed:" in report
+    assert _failure_report("f at 2", {1: "A", 0: "B"}).startswith("f at 2: rank 1 failed:\nA")
 
 
 def _fail_on_rank1():
