@@ -133,9 +133,9 @@ def main():
         src, dst = torch.randn(N).to(dtype), torch.empty(N, dtype=dtype)
         stash, out = torch.randn(K, N).to(dtype), torch.empty(N, dtype=dtype)
 
-        def gram_form():
-            G = gram(seg, stash)
-            combine(seg, stash, rule.weights(G, seg.module_keys, 0), out)
+        def gram_form(kernel="auto"):  # "auto": the compiled one-pass kernels on these long runs
+            G = gram(seg, stash, kernel=kernel)
+            combine(seg, stash, rule.weights(G, seg.module_keys, 0), out, kernel=kernel)
 
         # (label, fn, calls per round); rounds interleave the methods so that they see the same machine load
         def plain_passes():  # the Gram form's traffic (read K N twice, write N) with torch's own reductions
@@ -143,7 +143,8 @@ def main():
             torch.sum(stash, 0, out=out)
 
         methods = [("copy", lambda: dst.copy_(src), 2), ("Gram form (gram + pcgrad rule + combine)", gram_form, 3),
-                   ("same traffic, plain torch: stash.sum() + sum(stash, 0, out)", plain_passes, 3)]
+                   ("same traffic, plain torch: stash.sum() + sum(stash, 0, out)", plain_passes, 3),
+                   ("Gram form, kernel='eager' (batched matmuls, nothing compiled)", lambda: gram_form("eager"), 3)]
         if dtype == torch.float32:
             per_domain = [[torch.randn(s) for _, s in hf] for _ in range(K)]  # separate HF tensors
             outs = [torch.empty(s) for _, s in hf]
@@ -152,7 +153,7 @@ def main():
                         for lean, label in ((False, "per-tensor loop, reference form"),
                                             (True, "per-tensor loop, lean form"))]
         for _, fn, _ in methods:
-            fn()  # warm-up: first-touch page faults of outputs
+            fn()  # warm-up: first-touch page faults of outputs, torch.compile of the Gram form's kernels
         best = {label: (float("inf"), None) for label, _, _ in methods}
         for _ in range(a.rounds):
             for label, fn, calls in methods:

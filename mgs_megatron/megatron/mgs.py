@@ -42,7 +42,7 @@ class MGSError(RuntimeError):
 
 @dataclass
 class MGSConfig(SurgeryConfig):
-    """SurgeryConfig (rule, granularity, seed, eps, gradvac_beta, on_nonfinite) plus the declared domains."""
+    """SurgeryConfig (rule, granularity, seed, eps, gradvac_beta, on_nonfinite, kernel) plus the domains."""
 
     domains: tuple = field(default_factory=tuple)
 
@@ -221,7 +221,8 @@ class ModularGradientSurgery:
         K, M = len(domains), len(self.module_names)
         local = torch.zeros(M, K, K, dtype=torch.float32, device=self._stash.device)
         for r in self._ranges:
-            gram(r.seg_gram, self._slice(rows, r.stash_offset, r.stash_offset + r.view.numel()), out=local)
+            gram(r.seg_gram, self._slice(rows, r.stash_offset, r.stash_offset + r.view.numel()), out=local,
+                 kernel=self.config.kernel)
         G = torch.empty(M * K * K + 1, dtype=torch.float64, device=local.device)
         G[:-1] = local.flatten()
         G[-1] = self._local_tokens if is_loss_reporting_rank() else 0.0
@@ -232,7 +233,8 @@ class ModularGradientSurgery:
                                          self.config.on_nonfinite)
         Ws = (W * scale).to(torch.float32)
         for r in self._ranges:
-            combine(r.seg_all, self._slice(rows, r.stash_offset, r.stash_offset + r.view.numel()), Ws, r.view)
+            combine(r.seg_all, self._slice(rows, r.stash_offset, r.stash_offset + r.view.numel()), Ws, r.view,
+                    kernel=self.config.kernel)
         extra = {"stash_bytes": float(self._stash.numel() * self._stash.element_size()),
                  "allreduce_bytes": float(G.numel() * G.element_size()),
                  "nonfinite_modules": float(nonfinite), "num_domains": float(K),

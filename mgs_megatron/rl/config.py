@@ -117,6 +117,7 @@ class MGSSection:
     rule: str = "pcgrad"
     granularity: str = "parameter"
     seed: int = 0
+    kernel: str = "auto"                # surgery kernels: auto | eager | compiled (SurgeryConfig.kernel)
 
 
 @dataclass
@@ -280,7 +281,7 @@ def validate(cfg: TrainConfig) -> None:
     try:
         from mgs_megatron.surgery import SurgeryConfig
 
-        SurgeryConfig(rule=cfg.mgs.rule, granularity=cfg.mgs.granularity, seed=cfg.mgs.seed)
+        SurgeryConfig(rule=cfg.mgs.rule, granularity=cfg.mgs.granularity, seed=cfg.mgs.seed, kernel=cfg.mgs.kernel)
     except ValueError as e:
         raise ConfigError(f"config key 'mgs': {e}") from None
     for key in ("run.total_steps", "launcher.nproc_per_node", "data.prompts_per_step", "rollout.n",

@@ -120,7 +120,8 @@ class Trainer:
             from mgs_megatron.megatron.mgs import MGSConfig, ModularGradientSurgery
 
             self.mgs = ModularGradientSurgery(self.chunks, self.optimizer, MGSConfig(
-                rule=cfg.mgs.rule, granularity=cfg.mgs.granularity, seed=cfg.mgs.seed, domains=tuple(self.domains)),
+                rule=cfg.mgs.rule, granularity=cfg.mgs.granularity, seed=cfg.mgs.seed, kernel=cfg.mgs.kernel,
+                domains=tuple(self.domains)),
                 model_config=self.model_cfg)
         self.loss_fn = make_rl_loss(cfg.algo, self.model_cfg.vocab_size)
 

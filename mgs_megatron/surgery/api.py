@@ -94,9 +94,9 @@ def apply_mgs(params: ParamsLike, per_domain_grads: Mapping[str, Mapping[str, Op
             if g is not None:
                 stacked[k, o:o + g.numel()].copy_(g.reshape(-1))
     seg = build_segments(pieces, config.granularity)
-    G = gram(seg, stacked)
+    G = gram(seg, stacked, kernel=config.kernel)
     W, nbad = weights_from_gram(rule, G, seg, step, domains, config.on_nonfinite)
-    out = combine(seg, stacked, W, torch.empty(off, dtype=dtype, device=device))
+    out = combine(seg, stacked, W, torch.empty(off, dtype=dtype, device=device), kernel=config.kernel)
     for (n, p), o in zip(used, offsets):
         new = out[o:o + p.numel()].view_as(p).to(p.dtype)
         if p.grad is None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from .fused import KERNELS
 from .layout import GRANULARITIES
 from .rules import RULES, Rule, get_rule, rule_options
 
@@ -19,6 +20,9 @@ class SurgeryConfig:
     on_nonfinite: "error" raises naming the modules/domains with non-finite Gram entries; "sum" falls back to the
       plain sum for those modules (their combined gradient stays non-finite, so the optimizer's own inf/nan
       check still skips the step) and counts them in the "surgery/nonfinite_modules" metric.
+    kernel: "auto" (one-pass torch.compile kernels for runs of >= 1M elements, eager if compilation fails),
+      "eager" (batched matmuls only, nothing compiled), "compiled" (compiled for every run of >= 8192 elements;
+      a compilation failure raises).
     """
     rule: str = "pcgrad"
     granularity: str = "parameter"
@@ -26,6 +30,7 @@ class SurgeryConfig:
     eps: float = 0.0
     gradvac_beta: float = 0.01
     on_nonfinite: str = "error"
+    kernel: str = "auto"
 
     def __post_init__(self):
         if self.rule not in RULES:
@@ -34,6 +39,8 @@ class SurgeryConfig:
             raise ValueError(f"unknown granularity {self.granularity!r}; expected one of {GRANULARITIES}")
         if self.on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"unknown on_nonfinite {self.on_nonfinite!r}; expected one of {NONFINITE_POLICIES}")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"unknown surgery kernel {self.kernel!r}; expected one of {KERNELS}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
         if not self.eps >= 0:

@@ -3,6 +3,9 @@
 `grads` is either a [K, N] tensor (fast path: every run is a strided [K, L] view, no copies) or a sequence of K
 1-D tensors of length N (read through a small bounded scratch buffer). Half-precision gradients are upcast chunk
 by chunk into that scratch buffer so that Gram and combine accumulate in fp32 (or fp64) without a K x N copy.
+
+Long runs of a [K, N] tensor go through the one-pass compiled kernels of `fused.py` (kernel="auto" or
+"compiled"); everything else, and everything under kernel="eager", through the batched-matmul path here.
 """
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from . import fused
 from .segments import Segments
 
 Grads = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -86,12 +90,27 @@ def _load(scratch: torch.Tensor, stacked, rows, a: int, b: int) -> torch.Tensor:
     return buf
 
 
+def _fused_gram(x: torch.Tensor, acc: torch.Tensor, kernel: str) -> bool:
+    """acc += x @ x.T for x [K, r * BLOCK] through the compiled kernel; False if it is unavailable."""
+    K, n = x.shape
+    y = x.unflatten(1, (n // fused.BLOCK, fused.BLOCK)).transpose(0, 1)
+    sums = fused.call("pair_sums", kernel, y, acc.dtype)
+    if sums is NotImplemented:
+        return False
+    i, j = torch.triu_indices(K, K, device=acc.device)
+    full = torch.zeros(K, K, dtype=torch.float64, device=acc.device)
+    full[i, j] = full[j, i] = sums.sum(0, dtype=torch.float64)
+    acc += full.to(acc.dtype)
+    return True
+
+
 def gram(segments: Segments, grads: Grads, *, dtype: torch.dtype = torch.float32,
-         out: Optional[torch.Tensor] = None) -> torch.Tensor:
+         out: Optional[torch.Tensor] = None, kernel: str = "auto") -> torch.Tensor:
     """Per-module Gram G[m, i, j] = <g_i, g_j> restricted to module m's runs in this shard, in `dtype`.
 
     Partial Grams add: the Gram of a module split over shards (DP, TP) or over several flat buffers is the sum
     of the shards' Grams. With `out` the result is accumulated into it (same [M, K, K] shape and dtype).
+    `kernel`: "auto" | "eager" | "compiled" (see fused.py).
     """
     stacked, rows = _rows(grads)
     K, N = len(rows), (rows[0].numel() if rows else 0)
@@ -104,12 +123,19 @@ def gram(segments: Segments, grads: Grads, *, dtype: torch.dtype = torch.float32
     if K == 0:
         return out
     _check_runs(segments, N)
-    if stacked is not None and stacked.dtype == dtype:
-        for s, e, m in segments.runs:
-            _gram_block(stacked[:, s:e], out[m])
-        return out
-    scratch = torch.empty(K * min(_SCRATCH, max(N, 1)), dtype=dtype, device=device)
+    scratch = None
     for s, e, m in segments.runs:
+        if stacked is not None and fused.use_compiled(kernel, e - s, device):
+            n = (e - s) // fused.BLOCK * fused.BLOCK
+            if _fused_gram(stacked[:, s:s + n], out[m], kernel):
+                s += n  # the tail (< BLOCK) goes the eager way
+        if s == e:
+            continue
+        if stacked is not None and stacked.dtype == dtype:
+            _gram_block(stacked[:, s:e], out[m])
+            continue
+        if scratch is None:
+            scratch = torch.empty(K * min(_SCRATCH, max(N, 1)), dtype=dtype, device=device)
         for a, b in _chunks(s, e):
             _gram_block(_load(scratch, stacked, rows, a, b), out[m])
     return out
@@ -134,12 +160,13 @@ def _with_gaps(segments: Segments, n: int):
         yield pos, n, -1
 
 
-def combine(segments: Segments, grads: Grads, W: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def combine(segments: Segments, grads: Grads, W: torch.Tensor, out: torch.Tensor, *,
+            kernel: str = "auto") -> torch.Tensor:
     """out[run] = sum_k W[m, k] * grads[k][run] for every run of module m, in one pass over the shards.
 
     Elements of `out` not covered by any run get the plain sum (weight 1 per domain), so `out` is always fully
     written. `out` may be one of the grads' rows (the scratch path is used then). Accumulates in fp32 for
-    half-precision outputs. Returns `out`.
+    half-precision outputs. `kernel`: "auto" | "eager" | "compiled" (see fused.py). Returns `out`.
     """
     stacked, rows = _rows(grads)
     K, M = len(rows), segments.num_modules
@@ -157,15 +184,20 @@ def combine(segments: Segments, grads: Grads, W: torch.Tensor, out: torch.Tensor
     ws = list(W.to(device=out.device, dtype=cdt).unbind(0))
     ones = torch.ones(K, dtype=cdt, device=out.device)
     alias = any(_overlaps(out, r) for r in rows)
-    if stacked is not None and stacked.dtype == cdt and out.dtype == cdt and not alias:
-        for s, e, m in _with_gaps(segments, N):
-            _combine_block(stacked[:, s:e], ws[m] if m >= 0 else ones, out[s:e])
-        return out
-    L = min(_SCRATCH, max(N, 1))
-    scratch = torch.empty(K * L, dtype=cdt, device=out.device)
-    vec = None if out.dtype == cdt else torch.empty(L, dtype=cdt, device=out.device)
+    direct = stacked is not None and stacked.dtype == cdt and out.dtype == cdt and not alias
+    scratch = vec = None
     for s, e, m in _with_gaps(segments, N):
         w = ws[m] if m >= 0 else ones
+        if stacked is not None and not alias and fused.use_compiled(kernel, e - s, out.device):
+            if fused.call("weighted_sum_", kernel, stacked[:, s:e], w, out[s:e]) is not NotImplemented:
+                continue
+        if direct:
+            _combine_block(stacked[:, s:e], w, out[s:e])
+            continue
+        if scratch is None:
+            L = min(_SCRATCH, max(N, 1))
+            scratch = torch.empty(K * L, dtype=cdt, device=out.device)
+            vec = None if out.dtype == cdt else torch.empty(L, dtype=cdt, device=out.device)
         for a, b in _chunks(s, e):
             buf = _load(scratch, stacked, rows, a, b)
             if vec is None:

@@ -156,14 +156,14 @@ def _hf_params(chunks, cfg):
     return convert_mcore_state_dict(gather_full_state_dict(chunks), cfg)
 
 
-def _mgs_train(hf_sd, runs, overlap=False, params_dtype=torch.float32, num_layers=2):
+def _mgs_train(hf_sd, runs, overlap=False, params_dtype=torch.float32, num_layers=2, kernel="auto"):
     from mgs_megatron import MGSConfig, ModularGradientSurgery
 
     results = []
     for rule, granularity, dist_opt in runs:
         cfg, chunks, optimizer = _setup(hf_sd, dist_opt, overlap, params_dtype=params_dtype, num_layers=num_layers)
         mgs = ModularGradientSurgery(chunks, optimizer, MGSConfig(rule=rule, granularity=granularity, seed=SEED,
-                                                                  domains=DOMAINS), model_config=cfg)
+                                                                  domains=DOMAINS, kernel=kernel), model_config=cfg)
         conflicts = 0.0
         for step in range(STEPS):
             for d in DOMAINS:
@@ -204,6 +204,24 @@ def test_mgs_matches_single_process_pcgrad(references, layout):
             _assert_close_params(params, references[gran], 1e-5, what)
             moved = max(float((params[n] - initial[n]).norm() / initial[n].norm()) for n in initial)
             assert moved > 1e-2, f"{what}: parameters barely moved ({moved:.1e})"
+
+
+def _mgs_train_compiled(hf_sd, runs):
+    import mgs_megatron.surgery.fused as fused
+
+    return _mgs_train(hf_sd, runs, kernel="compiled"), sorted(fused._compiled)
+
+
+def test_mgs_compiled_kernels_match_single_process_pcgrad(references):
+    """kernel='compiled' (torch.compile'd Gram and combine; here on the embedding, the output layer and the
+    global module's long runs) inside Megatron's distributed optimizer at DP2 with the CPU backend active."""
+    runs = [("pcgrad", "parameter", True), ("pcgrad", "global", True)]
+    for rank, (rank_results, compiled) in enumerate(run_distributed(_mgs_train_compiled, Layout(dp=2), hf_model(
+            ).state_dict(), runs, timeout=600)):
+        assert compiled == ["pair_sums", "weighted_sum_"], f"rank {rank}: compiled kernels not used ({compiled})"
+        for (rule, gran, _), (params, conflicts) in zip(runs, rank_results):
+            assert conflicts > 0
+            _assert_close_params(params, references[gran], 1e-5, f"dp2 rank {rank} compiled {gran}")
 
 
 def test_pcgrad_differs_from_sum(references):

@@ -23,6 +23,8 @@ def test_unknown_key_and_wrong_type():
         load_config(TINY, ["strategy=magic"])
     with pytest.raises(ConfigError, match="'mgs'.*rule"):
         load_config(TINY, ["mgs.rule=nope"])
+    with pytest.raises(ConfigError, match="'mgs'.*kernel 'triton'"):
+        load_config(TINY, ["mgs.kernel=triton"])
     cfg = load_config(TINY, ["optim.lr=1e-6", "strategy=mixed"])
     assert cfg.optim.lr == 1e-6 and cfg.strategy == "mixed"
 
