@@ -306,7 +306,7 @@ class Trainer:
     def _micro_batches(self, rollouts, adv, domains, keep):
         """[(domain, micro-batch dict)] of this DP rank, padded to one global sequence length; the old
         (Megatron) logprobs against the rollout engine's: rollout/logprob_diff_{max,mean} over all ranks."""
-        from mgs_megatron.data import plan_microbatches
+        from mgs_megatron.data import pack_sequences, plan_microbatches
         from mgs_megatron.rollout.logprobs import logprob_diff, megatron_token_logprobs
 
         mbs = self.cfg.optim.micro_batch_size
@@ -331,17 +331,13 @@ class Trainer:
         pad = self.tokenizer.pad_token_id or 0
         out = []
         for mb in plan:
-            b = {k: torch.zeros(mbs, seq_len) for k in ("loss_mask", "advantages", "old_logp", "ref_logp")}
-            b["tokens"] = torch.full((mbs, seq_len), pad, dtype=torch.long)
-            b["targets"] = torch.full((mbs, seq_len), pad, dtype=torch.long)
+            b = pack_sequences([(rollouts[keep[j]].sequence, len(rollouts[keep[j]].prompt_ids)) for j in mb.indices],
+                               mbs, seq_len, pad)
+            b.update({k: torch.zeros(mbs, seq_len) for k in ("advantages", "old_logp", "ref_logp")})
             for row, j in enumerate(mb.indices):
                 i = keep[j]
-                ro, k = rollouts[i], where[keep[j]]
-                s = torch.tensor(ro.sequence, dtype=torch.long)
+                ro, k = rollouts[i], where[i]
                 L, P = len(ro.sequence), len(ro.prompt_ids)
-                b["tokens"][row, :L - 1] = s[:-1]
-                b["targets"][row, :L - 1] = s[1:]
-                b["loss_mask"][row, P - 1:L - 1] = 1.0
                 b["advantages"][row, P - 1:L - 1] = float(adv[i])
                 if L > P:
                     b["old_logp"][row, P - 1:L - 1] = old[k].float()

@@ -25,6 +25,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from mgs_megatron.data import pack_sequences
+
 log = logging.getLogger("mgs_megatron.rl.warmup")
 
 
@@ -117,18 +119,6 @@ def cache_dir(cfg) -> Path:
 
 
 # ================================================================================================ the SFT loop
-def _batch(seqs: list[tuple[list[int], int]], mbs: int, seq_len: int, pad: int) -> dict:
-    b = {"tokens": torch.full((mbs, seq_len), pad, dtype=torch.long),
-         "labels": torch.full((mbs, seq_len), pad, dtype=torch.long), "loss_mask": torch.zeros(mbs, seq_len)}
-    for row, (ids, plen) in enumerate(seqs):
-        s = torch.tensor(ids, dtype=torch.long)
-        L = len(ids)
-        b["tokens"][row, :L - 1] = s[:-1]
-        b["labels"][row, :L - 1] = s[1:]
-        b["loss_mask"][row, plen - 1:L - 1] = 1.0
-    return b
-
-
 def run_sft(chunks, optimizer, encoded: list[tuple[list[int], int]], *, steps: int, batch_size: int,
             micro_batch_size: int, lr: float, seed: int, pad: int, log_every: int = 50) -> list[float]:
     """`steps` SFT steps (global batch `batch_size`, split over DP ranks) with linear LR decay to 10%; returns the
@@ -156,7 +146,7 @@ def run_sft(chunks, optimizer, encoded: list[tuple[list[int], int]], *, steps: i
         idx, order = order[:batch_size], order[batch_size:]
         mine = [encoded[i] for i in idx[dp_rank::dp]]
         seq_len = max(len(encoded[i][0]) for i in idx) - 1
-        mbs = [_batch(mine[k:k + micro_batch_size], micro_batch_size, seq_len, pad)
+        mbs = [pack_sequences(mine[k:k + micro_batch_size], micro_batch_size, seq_len, pad, target_key="labels")
                for k in range(0, len(mine), micro_batch_size)]
         zero_grads(chunks, optimizer)
         outs = forward_backward(chunks, mbs, num_microbatches=len(mbs), seq_length=seq_len,

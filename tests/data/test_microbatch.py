@@ -43,3 +43,17 @@ def test_tiny_domain_gives_empty_microbatch_on_extra_ranks():
     plan = plan_microbatches(["math", "chat", "chat", "chat"], 4, 2)
     assert [[(mb.domain, len(mb.indices)) for mb in r] for r in plan] == [[("math", 1), ("chat", 1)],
                                                                           [("math", 0), ("chat", 2)]]
+
+
+def test_pack_sequences_shifts_targets_and_masks_response_tokens():
+    import torch
+
+    from mgs_megatron.data import pack_sequences
+
+    b = pack_sequences([([1, 2, 3, 4, 5], 2), ([7, 8, 9], 1)], micro_batch_size=3, seq_len=5, pad=0)
+    assert b["tokens"].tolist() == [[1, 2, 3, 4, 0], [7, 8, 0, 0, 0], [0, 0, 0, 0, 0]]
+    assert b["targets"].tolist() == [[2, 3, 4, 5, 0], [8, 9, 0, 0, 0], [0, 0, 0, 0, 0]]
+    # prompt [1, 2] -> response 3, 4, 5 are the targets at positions 1..3; prompt [7] -> 8, 9 at 0..1
+    assert b["loss_mask"].tolist() == [[0, 1, 1, 1, 0], [1, 1, 0, 0, 0], [0, 0, 0, 0, 0]]
+    assert b["loss_mask"].dtype == torch.float32 and b["tokens"].dtype == torch.long
+    assert set(pack_sequences([], 1, 2, 0, target_key="labels")) == {"tokens", "labels", "loss_mask"}
