@@ -3,6 +3,7 @@
 Flow per step, per rank:
     segs = build_segments(pieces, granularity, module_names=global_names)   # once, at setup
     G = gram(segs, grads)               # grads: [K, N] or K flat shards; partial Grams -> all-reduce(SUM)
+                                        # (long runs: one-pass torch.compile kernels, fused.py; kernel="eager")
     W, nbad = weights_from_gram(rule, G, segs, step, domains, on_nonfinite)  # identical on every rank
     combine(segs, grads, W, out)        # out = sum_k W[m, k] g_k per run, one pass
     stats = surgery_stats(G, W, segs, domains)
