@@ -113,7 +113,7 @@ class OptimSection:
 
 
 @dataclass
-class MGSSection:
+class MGSSection:  # fields are SurgeryConfig's (validated and passed through as a whole)
     rule: str = "pcgrad"
     granularity: str = "parameter"
     seed: int = 0
@@ -281,7 +281,7 @@ def validate(cfg: TrainConfig) -> None:
     try:
         from mgs_megatron.surgery import SurgeryConfig
 
-        SurgeryConfig(rule=cfg.mgs.rule, granularity=cfg.mgs.granularity, seed=cfg.mgs.seed, kernel=cfg.mgs.kernel)
+        SurgeryConfig(**dataclasses.asdict(cfg.mgs))
     except ValueError as e:
         raise ConfigError(f"config key 'mgs': {e}") from None
     for key in ("run.total_steps", "launcher.nproc_per_node", "data.prompts_per_step", "rollout.n",

@@ -13,6 +13,7 @@ the step's global token count (calculate_per_token_loss), so MGS with rule 'sum'
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -120,9 +121,7 @@ class Trainer:
             from mgs_megatron.megatron.mgs import MGSConfig, ModularGradientSurgery
 
             self.mgs = ModularGradientSurgery(self.chunks, self.optimizer, MGSConfig(
-                rule=cfg.mgs.rule, granularity=cfg.mgs.granularity, seed=cfg.mgs.seed, kernel=cfg.mgs.kernel,
-                domains=tuple(self.domains)),
-                model_config=self.model_cfg)
+                **dataclasses.asdict(cfg.mgs), domains=tuple(self.domains)), model_config=self.model_cfg)
         self.loss_fn = make_rl_loss(cfg.algo, self.model_cfg.vocab_size)
 
         # resume, then the rollout backend (it starts from the resumed weights)
@@ -331,11 +330,10 @@ class Trainer:
         pad = self.tokenizer.pad_token_id or 0
         out = []
         for mb in plan:
-            b = pack_sequences([(rollouts[keep[j]].sequence, len(rollouts[keep[j]].prompt_ids)) for j in mb.indices],
-                               mbs, seq_len, pad)
+            picked = [keep[j] for j in mb.indices]
+            b = pack_sequences([(rollouts[i].sequence, len(rollouts[i].prompt_ids)) for i in picked], mbs, seq_len, pad)
             b.update({k: torch.zeros(mbs, seq_len) for k in ("advantages", "old_logp", "ref_logp")})
-            for row, j in enumerate(mb.indices):
-                i = keep[j]
+            for row, i in enumerate(picked):
                 ro, k = rollouts[i], where[i]
                 L, P = len(ro.sequence), len(ro.prompt_ids)
                 b["advantages"][row, P - 1:L - 1] = float(adv[i])

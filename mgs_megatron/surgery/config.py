@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .fused import KERNELS
+from .fused import check_kernel
 from .layout import GRANULARITIES
 from .rules import RULES, Rule, get_rule, rule_options
 
@@ -39,8 +39,7 @@ class SurgeryConfig:
             raise ValueError(f"unknown granularity {self.granularity!r}; expected one of {GRANULARITIES}")
         if self.on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"unknown on_nonfinite {self.on_nonfinite!r}; expected one of {NONFINITE_POLICIES}")
-        if self.kernel not in KERNELS:
-            raise ValueError(f"unknown surgery kernel {self.kernel!r}; expected one of {KERNELS}")
+        check_kernel(self.kernel)
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
         if not self.eps >= 0:

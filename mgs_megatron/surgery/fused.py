@@ -54,10 +54,14 @@ def _get(name: str):
     return fn
 
 
-def use_compiled(kernel: str, length: int, device: torch.device) -> bool:
-    """Whether a run of `length` elements goes through the compiled kernels."""
+def check_kernel(kernel: str) -> None:
     if kernel not in KERNELS:
         raise ValueError(f"unknown surgery kernel {kernel!r}; expected one of {KERNELS}")
+
+
+def use_compiled(kernel: str, length: int, device: torch.device) -> bool:
+    """Whether a run of `length` elements goes through the compiled kernels."""
+    check_kernel(kernel)
     if kernel == "eager" or length < 2 * BLOCK:
         return False
     if kernel == "compiled":
