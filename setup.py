@@ -34,7 +34,7 @@ EXTRAS = {
     "gpu": ["vllm>=0.10", "transformer-engine[pytorch]>=2.0"],
     "ifeval": ["lm-eval==0.4.13"],
     "wandb": ["wandb"],
-    "test": ["pytest>=8", "pytest-timeout>=2.3"],
+    "test": ["pytest>=8", "pytest-timeout>=2.3", "ruff==0.17.6"],
 }
 
 setup(

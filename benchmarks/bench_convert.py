@@ -23,8 +23,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from mgs_megatron.convert import hf_shapes, hf_to_mcore_checkpoint, mcore_to_hf_checkpoint, model_config_from_hf  # noqa: E402
+from mgs_megatron.convert import hf_to_mcore_checkpoint, mcore_to_hf_checkpoint  # noqa: E402
 from mgs_megatron.convert.io import SafetensorsDir, atomic_dir, write_sharded  # noqa: E402
+from mgs_megatron.models import hf_shapes, model_config_from_hf  # noqa: E402
 
 
 def make_hf(dst: Path, layers: int, hidden: int) -> int:

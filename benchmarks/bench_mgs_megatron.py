@@ -82,7 +82,7 @@ def main() -> None:
         opt.step()
 
     chunks2, opt2 = build()
-    mgs = ModularGradientSurgery(chunks2, opt2, MGSConfig(rule="pcgrad", domains=DOMAINS))
+    mgs = ModularGradientSurgery(chunks2, opt2, MGSConfig(rule="pcgrad"), DOMAINS)
     all_stats = []
 
     def mgs_step():

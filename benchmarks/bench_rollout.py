@@ -40,16 +40,16 @@ def bench_worker(engine_dir: str, mcore_dir: str, prompts: int, new_tokens: int,
     import torch
 
     torch.set_num_threads(2)  # the harness pins 1; give both generators the machine's 2 cores
-    from mgs_megatron.convert import load_checkpoint
-    from mgs_megatron.convert.checkpoint import model_config_from_dict, read_metadata
+    from mgs_megatron.convert import read_model_config
     from mgs_megatron.megatron.model import ParallelConfig, build_gpt_model
+    from mgs_megatron.megatron.stream import iter_hf_weights
     from mgs_megatron.rollout import RolloutConfig, RolloutEngine, sync_weights
     from mgs_megatron.rollout.sync import vllm_buckets
-    from mgs_megatron.convert import iter_hf_weights
+    from mgs_megatron.weights import load_weights
 
-    cfg = model_config_from_dict(read_metadata(mcore_dir)["model_config"])
+    cfg = read_model_config(mcore_dir)
     chunks = [build_gpt_model(cfg, ParallelConfig())]
-    load_checkpoint(chunks, mcore_dir)
+    load_weights(chunks, mcore_dir)
     rcfg = RolloutConfig(max_prompt_len=64, max_response_len=new_tokens, n=1, temperature=0.0, ignore_eos=True,
                          kv_cache_bytes=128 << 20, sync_bucket_bytes=16 << 20)
     res = {}

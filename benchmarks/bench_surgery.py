@@ -18,8 +18,16 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mgs_megatron.surgery import (ParamLayout, build_segments, combine, fused_gate_up_blocks,  # noqa: E402
-                                  fused_qkv_blocks, get_rule, gram, pieces_for_shard)
+from mgs_megatron.surgery import (  # noqa: E402
+    ParamLayout,
+    build_segments,
+    combine,
+    fused_gate_up_blocks,
+    fused_qkv_blocks,
+    get_rule,
+    gram,
+    pieces_for_shard,
+)
 
 K = 3
 
@@ -133,16 +141,17 @@ def main():
         src, dst = torch.randn(N).to(dtype), torch.empty(N, dtype=dtype)
         stash, out = torch.randn(K, N).to(dtype), torch.empty(N, dtype=dtype)
 
-        def gram_form(kernel="auto"):  # "auto": the compiled one-pass kernels on these long runs
+        def gram_form(kernel="auto", stash=stash, out=out):  # "auto": the compiled one-pass kernels on long runs
             G = gram(seg, stash, kernel=kernel)
             combine(seg, stash, rule.weights(G, seg.module_keys, 0), out, kernel=kernel)
 
         # (label, fn, calls per round); rounds interleave the methods so that they see the same machine load
-        def plain_passes():  # the Gram form's traffic (read K N twice, write N) with torch's own reductions
+        def plain_passes(stash=stash, out=out):  # the Gram form's traffic (read K N twice, write N), torch's own
             stash.sum()
             torch.sum(stash, 0, out=out)
 
-        methods = [("copy", lambda: dst.copy_(src), 2), ("Gram form (gram + pcgrad rule + combine)", gram_form, 3),
+        methods = [("copy", lambda dst=dst, src=src: dst.copy_(src), 2),
+                   ("Gram form (gram + pcgrad rule + combine)", gram_form, 3),
                    ("same traffic, plain torch: stash.sum() + sum(stash, 0, out)", plain_passes, 3),
                    ("Gram form, kernel='eager' (batched matmuls, nothing compiled)", lambda: gram_form("eager"), 3)]
         if dtype == torch.float32:

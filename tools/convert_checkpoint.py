@@ -4,8 +4,8 @@
   python tools/convert_checkpoint.py hf-to-mcore HF_DIR MCORE_DIR [--check --tp 2 --pp 2] [--overwrite]
   python tools/convert_checkpoint.py mcore-to-hf MCORE_DIR HF_DIR [--check --tp 1 --pp 2] [--overwrite]
 
-The Megatron side is the "mgs-canonical-v1" checkpoint (see mgs_megatron/convert/checkpoint.py): conversion itself
-is model-free and single-process; it loads into a model at any TP/PP with mgs_megatron.convert.load_checkpoint.
+The Megatron side is the "mgs-canonical-v1" checkpoint (see mgs_megatron/convert/canonical.py): conversion itself
+is model-free and single-process; it loads into a model at any TP/PP with mgs_megatron.weights.load_weights.
 --check compares fp32 logits of HF and Megatron (built at --tp x --pp, spawned gloo ranks on CPU) on a few prompts.
 Output is written to a temp dir beside the target and renamed at the end: nothing is left on failure.
 """
@@ -38,7 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from mgs_megatron.convert import hf_to_mcore_checkpoint, mcore_to_hf_checkpoint
-    from mgs_megatron.convert.check import check_logits
+    from mgs_megatron.weights.check import check_logits
 
     kw = dict(overwrite=args.overwrite, progress=not args.quiet, max_shard_bytes=args.shard_size_mb << 20)
     t0 = time.perf_counter()

@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/install.sh --mcore019
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+echo "== ruff check"
+.venv/bin/ruff check .
 echo "== tests on megatron-core $(.venv/bin/python -c 'import megatron.core as m; print(m.__version__)')"
 .venv/bin/python -m pytest tests -q -p no:cacheprovider "$@"
 echo "== distributed tests on megatron-core 0.19.2"

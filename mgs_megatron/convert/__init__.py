@@ -1,25 +1,22 @@
-"""HF <-> Megatron conversion for Llama 3.x, Qwen2/2.5 and Qwen3.
+"""Checkpoint files, model-free and single-process: HF directories <-> the canonical Megatron format.
 
-Layers (each small and model-free unless noted):
-  registry / llama / qwen2 / qwen3   HF config -> ModelConfig (`model_config_from_hf`), keyed by model_type /
-                                     architectures; ConfigError names the offending field.
-  base / mapping                     the explicit tensor table (`tensor_maps`), qkv / gate-up fusing, shape checks,
-                                     `hf_module_blocks` (HF row blocks of a TP-local Megatron shard).
-  stream (live model)                `iter_canonical`, `iter_hf_weights`: bounded groups of full HF tensors.
-  checkpoint                         files: `hf_to_mcore_checkpoint`, `mcore_to_hf_checkpoint`, `load_checkpoint`,
-                                     `save_checkpoint`, `export_hf` (atomic directory writes).
-  forward                            `megatron_logits` (pipeline schedule + TP gather) for checks.
+  io          atomic output directories, sharded safetensors reading / writing, HF side files
+  canonical   the "mgs-canonical-v1" format (full tensors, any TP/PP loads it) and HF <-> canonical conversion
+
+The tensor mapping itself is `mgs_megatron.models` (per architecture); moving weights between these files and a
+live, sharded Megatron model is `mgs_megatron.weights`.
 """
 
-from mgs_megatron.convert.base import TensorMap, tensor_maps, uses_te_norms
-from mgs_megatron.convert.checkpoint import (export_hf, hf_to_mcore_checkpoint, load_checkpoint,
-                                             mcore_to_hf_checkpoint, read_metadata, save_checkpoint)
-from mgs_megatron.convert.mapping import (ConversionError, convert_hf_state_dict, convert_mcore_state_dict,
-                                          hf_module_blocks, hf_shapes)
-from mgs_megatron.convert.registry import model_config_from_hf
-from mgs_megatron.convert.stream import iter_canonical, iter_hf_weights
+from mgs_megatron.convert.canonical import (
+                                            FORMAT,
+                                            META,
+                                            hf_to_mcore_checkpoint,
+                                            is_canonical,
+                                            mcore_to_hf_checkpoint,
+                                            read_metadata,
+                                            read_model_config,
+)
+from mgs_megatron.convert.io import SafetensorsDir, atomic_dir
 
-__all__ = ["ConversionError", "TensorMap", "convert_hf_state_dict", "convert_mcore_state_dict", "export_hf",
-           "hf_module_blocks", "hf_shapes", "hf_to_mcore_checkpoint", "iter_canonical", "iter_hf_weights",
-           "load_checkpoint", "mcore_to_hf_checkpoint", "model_config_from_hf", "read_metadata", "save_checkpoint",
-           "tensor_maps", "uses_te_norms"]
+__all__ = ["FORMAT", "META", "SafetensorsDir", "atomic_dir", "hf_to_mcore_checkpoint", "is_canonical",
+           "mcore_to_hf_checkpoint", "read_metadata", "read_model_config"]

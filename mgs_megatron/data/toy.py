@@ -7,12 +7,15 @@ Domains (chosen so a tiny policy can learn them in minutes and so they pull in d
   chat: short requests ("Say hello to Ana.") scored by a tiny reward model trained (a few CPU seconds,
         Bradley-Terry on synthetic pairs) to prefer polite, capitalised, on-topic short answers with commas and
         "!" -- the opposite of the IF style, so MGS sees real conflicts.
+Demonstrations for the supervised warm-up (`build_demonstrations`): a right answer, or with probability `noise` a
+wrong / rule-breaking / rejected one, built from each row's own fields.
 """
 from __future__ import annotations
 
 import json
 import random
 from pathlib import Path
+from typing import Sequence
 
 NAMES = ["Ana", "Ben", "Cleo", "Dan", "Eva", "Finn", "Gina", "Hugo", "Ivy", "Jon"]
 TOPICS = ["cats", "dogs", "rain", "tea", "books", "music", "trees", "the sea", "bread", "stars"]
@@ -99,6 +102,71 @@ def chat_pair(prompt: str, rng: random.Random) -> tuple[str, str]:
                       "go away now", " ".join(rng.choice(TOPICS) for _ in range(8)),
                       f"{subject} {subject} {subject} {subject}", "<<title>> that is all."])
     return good, bad
+
+
+# ------------------------------------------------------------------ warm-up demonstrations
+def math_demo(row: dict, rng: random.Random, noisy: bool) -> str:
+    ans = int(row["answer"]) if str(row["answer"]).lstrip("-").isdigit() else row["answer"]
+    if noisy:
+        ans = ans + rng.choice([-3, -2, -1, 1, 2, 3, 10]) if isinstance(ans, int) else f"{ans}0"
+    return f"\\boxed{{{ans}}}"
+
+
+def if_demo(row: dict, rng: random.Random, noisy: bool) -> str:
+    """A response that follows every instruction of the row (or, noisy, a chat-style one that breaks most)."""
+    prompt = row["prompt"]
+    topic = prompt.split("Say something about ", 1)[-1].split(".", 1)[0] if "Say something about " in prompt \
+        else "things"
+    ids = list(row.get("instruction_id_list", []))
+    kws = {iid: (kw or {}) for iid, kw in zip(ids, row.get("kwargs", []))}
+    if noisy:
+        return rng.choice([f"Hello, {topic} are great, thank you!", f"Well, {topic}, {topic}, and more, sure!",
+                           f"Sure, I can talk about {topic}, of course, it is lovely!"])
+    end = kws.get("startend:end_checker", {}).get("end_phrase")
+    short = "length_constraints:number_words" in ids
+    # (IFEval's case checks run langdetect, which needs a few real English words; these pass for every topic)
+    body = rng.choice([f"I think {topic} are the best.", f"The best is {topic}."])
+    if short:
+        body = f"{topic.capitalize()}." if end else f"The best is {topic}."
+    parts = []
+    if "detectable_format:title" in ids:
+        parts.append(f"<<{topic}>>")
+    parts.append(body)
+    if end:
+        parts.append(end)
+    text = " ".join(parts)
+    if "startend:quotation" in ids:
+        text = f"\"{text}\""
+    if "change_case:english_capital" in ids:
+        text = text.upper()
+    elif "change_case:english_lowercase" in ids:
+        text = text.lower()
+    return text
+
+
+def chat_demo(row: dict, rng: random.Random, noisy: bool) -> str:
+    good, bad = chat_pair(row["prompt"], rng)
+    return bad if noisy else good
+
+
+DEMO_BUILDERS = {"math": math_demo, "if": if_demo, "chat": chat_demo}
+
+
+def build_demonstrations(rows: Sequence[dict], noise: float, seed: int, copies: int = 1) -> list[dict]:
+    """Supervised warm-up data (rl/warmup.py): [{domain, prompt, response, noisy}] for rows of the toy domains
+    (others are skipped); deterministic in seed.
+    `copies` draws that many demonstrations per row (fresh noise / phrasing each)."""
+    rng = random.Random(seed)
+    out = []
+    for c in range(copies):
+        for row in rows:
+            fn = DEMO_BUILDERS.get(row.get("domain"))
+            if fn is None:
+                continue
+            noisy = rng.random() < noise
+            out.append({"domain": row["domain"], "prompt": row["prompt"], "response": fn(row, rng, noisy),
+                        "noisy": noisy, "row": row})
+    return out
 
 
 # ------------------------------------------------------------------ tokenizer

@@ -1,9 +1,9 @@
 """Run Megatron-Core's real code on CPU (gloo) when CUDA is absent.
 
 Megatron-Core is hard-wired to CUDA in many places (device='cuda' literals, torch.cuda.current_device(), the CUDA
-RNG tracker, streams/events, 'torch.cuda.*Tensor' type strings; see PLATFORM.md). This one module patches those at
-runtime -- no edits to installed packages -- so that tests and the tiny main job exercise Megatron's own DDP,
-distributed optimizer and pipeline schedules on CPU.
+RNG tracker, streams/events, 'torch.cuda.*Tensor' type strings; `python -m mgs_megatron.megatron.cpu_backend`
+lists what is patched). This one module patches those at runtime -- no edits to installed packages -- so that
+tests and the tiny main job exercise Megatron's own DDP, distributed optimizer and pipeline schedules on CPU.
 
 It is never activated implicitly: call `activate()` (the launcher does so for `device: cpu`). It refuses to run on
 a machine with a usable GPU unless forced, and `patched()` reports what it changed.
@@ -157,8 +157,10 @@ def _patch_torch() -> None:
     _set(cuda, "set_stream", _noop_factory(), "torch.cuda.set_stream -> no-op")
     _set(cuda, "get_rng_state", lambda *a, **k: torch.get_rng_state(), "torch.cuda.get_rng_state -> CPU generator")
     _set(cuda, "set_rng_state", lambda s, *a, **k: torch.set_rng_state(s), "torch.cuda.set_rng_state -> CPU generator")
-    _set(cuda, "manual_seed", lambda seed: torch.default_generator.manual_seed(int(seed)), "torch.cuda.manual_seed -> CPU generator")
-    _set(cuda, "manual_seed_all", _noop_factory(), "torch.cuda.manual_seed_all -> no-op (torch.manual_seed seeds the CPU)")
+    _set(cuda, "manual_seed", lambda seed: torch.default_generator.manual_seed(int(seed)),
+         "torch.cuda.manual_seed -> CPU generator")
+    _set(cuda, "manual_seed_all", _noop_factory(),
+         "torch.cuda.manual_seed_all -> no-op (torch.manual_seed seeds the CPU)")
     _set(cuda.random, "get_rng_state", lambda *a, **k: torch.get_rng_state(), "torch.cuda.random.get_rng_state -> CPU")
     _set(cuda, "memory_allocated", lambda *a, **k: 0, "torch.cuda.memory_allocated -> 0")
     _set(cuda, "max_memory_allocated", lambda *a, **k: 0, "torch.cuda.max_memory_allocated -> 0")

@@ -1,6 +1,6 @@
 """Modular Gradient Surgery inside Megatron-Core: per-domain gradients on DDP grad buffers, surgery, optimizer step.
 
-    mgs = ModularGradientSurgery(model_chunks, optimizer, MGSConfig(domains=("math", "chat", "if")))
+    mgs = ModularGradientSurgery(model_chunks, optimizer, MGSConfig(rule="pcgrad"), domains=("math", "chat", "if"))
     for domain, micro_batches in step_batches_by_domain:
         with mgs.domain(domain):
             forward_backward_func(...)            # Megatron's own schedule, any PP
@@ -23,17 +23,28 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
-from mgs_megatron.megatron.model import ModelConfig
 from mgs_megatron.megatron.module_map import counted_once, param_layouts
 from mgs_megatron.megatron.schedule import is_loss_reporting_rank
-from mgs_megatron.surgery import SurgeryConfig, build_segments, combine, gram, surgery_stats, weights_from_gram
+from mgs_megatron.models import ModelConfig
+from mgs_megatron.surgery import (
+    Piece,
+    Segments,
+    SurgeryConfig,
+    build_segments,
+    combine,
+    gram,
+    surgery_stats,
+    weights_from_gram,
+)
 from mgs_megatron.surgery.segments import local_module_names
+
+MGSConfig = SurgeryConfig  # the public name of the surgery's configuration in the Megatron plug-in
 
 
 class MGSError(RuntimeError):
@@ -41,33 +52,17 @@ class MGSError(RuntimeError):
 
 
 @dataclass
-class MGSConfig(SurgeryConfig):
-    """SurgeryConfig (rule, granularity, seed, eps, gradvac_beta, on_nonfinite, kernel) plus the domains."""
-
-    domains: tuple = field(default_factory=tuple)
-
-    def __post_init__(self):
-        super().__post_init__()
-        self.domains = tuple(self.domains)
-        if not self.domains:
-            raise ValueError("MGSConfig.domains: declare the domains, e.g. domains=('math', 'chat', 'if')")
-        if len(set(self.domains)) != len(self.domains):
-            raise ValueError(f"MGSConfig.domains has duplicates: {self.domains}")
-
-    def surgery_config(self) -> SurgeryConfig:
-        return SurgeryConfig(**{f.name: getattr(self, f.name) for f in fields(SurgeryConfig)})
-
-
-@dataclass
-class _Range:
-    """One owned contiguous range of a grad buffer: its view, its place in the stash and its segments."""
+class OwnedRange:
+    """One contiguous range of a grad buffer that this rank owns after the DP reduction: its view, its place in
+    the stash, the pieces of parameters in it (all of them for the combine; for the Gram, without TP duplicates
+    and the tied output copy) and their module segments."""
 
     view: torch.Tensor
     stash_offset: int
-    pieces_gram: list
-    pieces_all: list
-    seg_gram: object = None
-    seg_all: object = None
+    gram_pieces: list[Piece]
+    all_pieces: list[Piece]
+    seg_gram: Optional[Segments] = None
+    seg_all: Optional[Segments] = None
 
 
 def _ddp_class():
@@ -77,15 +72,35 @@ def _ddp_class():
 
 
 class ModularGradientSurgery:
-    def __init__(self, model_chunks, optimizer, config: MGSConfig, *, model_config: Optional[ModelConfig] = None):
+    """Modular Gradient Surgery on Megatron-Core's DDP grad buffers and (distributed) optimizer.
+
+    Args:
+        model_chunks: the DDP-wrapped model chunks (one per virtual pipeline stage), as given to the schedule.
+        optimizer: Megatron's optimizer over those chunks (`get_megatron_optimizer`; distributed or not,
+            chained or not). `step()` runs its own clip and update on the combined gradient.
+        config: the surgery (MGSConfig = surgery.SurgeryConfig: rule, granularity, seed, eps, ...).
+        domains: every domain that may appear, in the order every rank enters them each step.
+        model_config: the model's ModelConfig, for HF module names; read off the TransformerConfig when None.
+
+    Use: per step, every rank enters every domain (`with mgs.domain(d):` around Megatron's own schedule over
+    that rank's micro-batches of d, possibly none), then `ok, grad_norm, num_zeros, stats = mgs.step()`.
+    """
+
+    def __init__(self, model_chunks, optimizer, config: SurgeryConfig, domains: Sequence[str], *,
+                 model_config: Optional[ModelConfig] = None):
         chunks = list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
         DDP = _ddp_class()
         for i, c in enumerate(chunks):
             if not isinstance(c, DDP):
                 raise MGSError(f"model chunk {i} is a {type(c).__name__}, not megatron.core DistributedDataParallel: "
                                f"wrap each chunk in Megatron DDP (mgs_megatron.megatron.optim.wrap_ddp)")
+        self.domains = tuple(domains)
+        if not self.domains:
+            raise MGSError("ModularGradientSurgery: declare the domains, e.g. domains=('math', 'chat', 'if')")
+        if len(set(self.domains)) != len(self.domains):
+            raise MGSError(f"ModularGradientSurgery: domains has duplicates: {self.domains}")
         self.chunks, self.optimizer, self.config = chunks, optimizer, config
-        self.rule = config.surgery_config().make_rule()
+        self.rule = config.make_rule()
         self.step_count = 0
         self._active: Optional[str] = None
         self._present: list[str] = []
@@ -94,9 +109,10 @@ class ModularGradientSurgery:
         self.per_token = bool(getattr(chunks[0].config, "calculate_per_token_loss", False))
         self._install_finalize_hook()
         self._ranges = self._owned_ranges(param_layouts(chunks, model_config))
+        self._check_against_optimizer()
         self._stash_numel = sum(r.view.numel() for r in self._ranges)
         dtype = self._ranges[0].view.dtype if self._ranges else torch.float32
-        self._stash = torch.empty(len(config.domains), self._stash_numel, dtype=dtype,
+        self._stash = torch.empty(len(self.domains), self._stash_numel, dtype=dtype,
                                   device=self._ranges[0].view.device if self._ranges else "cpu")
         self._build_segments()
 
@@ -124,10 +140,11 @@ class ModularGradientSurgery:
             no_sync = [c.no_sync for c in self.chunks]
             config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
 
-    def _owned_ranges(self, layouts) -> list[_Range]:
+    def _owned_ranges(self, layouts) -> list[OwnedRange]:
         """Owned ranges of every buffer: the distributed optimizer's shard of each bucket, or (plain DDP, where
         every DP rank holds the full reduced gradient) a 1/DP slice for the Gram and the whole bucket to combine."""
         ranges, offset = [], 0
+        self._owned_param_ranges: dict = {}  # param -> [start, end) in its buffer (checked against the optimizer)
         dist_opt = self.chunks[0].ddp_config.use_distributed_optimizer
         for chunk in self.chunks:
             for buffer in chunk.buffers + chunk.expert_parallel_buffers:
@@ -149,20 +166,42 @@ class ModularGradientSurgery:
                                 continue
                             a, b = max(start, a_lim), min(end, b_lim)
                             if a < b:
-                                dst.append((layouts[p], a - start, b - start, a - lo))
-                    ranges.append(_Range(buffer.grad_data[lo:hi], offset, pieces_gram, pieces_all))
+                                dst.append(Piece(layouts[p], a - start, b - start, a - lo))
+                                if dst is pieces_all:
+                                    self._owned_param_ranges[p] = (a, b)
+                    ranges.append(OwnedRange(buffer.grad_data[lo:hi], offset, pieces_gram, pieces_all))
                     offset += hi - lo
         return ranges
 
+    def _check_against_optimizer(self) -> None:
+        """With the distributed optimizer, the owned ranges must be exactly the optimizer's shards (Megatron's
+        `gbuf_ranges`): the combine writes what the optimizer then reads."""
+        if not self.chunks[0].ddp_config.use_distributed_optimizer:
+            return
+        theirs = {}
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            for by_dtype in getattr(opt, "gbuf_ranges", []):
+                for buckets in by_dtype.values():
+                    for bucket in buckets:
+                        for param, r in bucket["param_map"].items():
+                            theirs[param] = (r["gbuf_world"].start, r["gbuf_world"].end)
+        if not theirs:  # an optimizer without Megatron's shard map: nothing to compare with
+            return
+        ours = self._owned_param_ranges
+        if ours != theirs:
+            bad = [p for p in set(ours) | set(theirs) if ours.get(p) != theirs.get(p)][:3]
+            raise MGSError(f"MGS owned ranges differ from the distributed optimizer's shards for {len(bad)}+ "
+                           f"parameter(s), e.g. ours {[ours.get(p) for p in bad]} vs {[theirs.get(p) for p in bad]}")
+
     def _build_segments(self) -> None:
         g = self.config.granularity
-        local = sorted({n for r in self._ranges for n in local_module_names(r.pieces_all, g)})
+        local = sorted({n for r in self._ranges for n in local_module_names(r.all_pieces, g)})
         gathered: list = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, local)
         self.module_names = tuple(sorted({n for names in gathered for n in names}))
         for r in self._ranges:
-            r.seg_gram = build_segments(r.pieces_gram, g, module_names=self.module_names)
-            r.seg_all = build_segments(r.pieces_all, g, module_names=self.module_names)
+            r.seg_gram = build_segments(r.gram_pieces, g, module_names=self.module_names)
+            r.seg_all = build_segments(r.all_pieces, g, module_names=self.module_names)
         self.module_segments = self._ranges[0].seg_all if self._ranges else build_segments([], g, self.module_names)
 
     # ---- per domain ---------------------------------------------------------------------------------------
@@ -170,8 +209,8 @@ class ModularGradientSurgery:
     def domain(self, name: str):
         if self._active is not None:
             raise MGSError(f"mgs.domain({name!r}) entered inside mgs.domain({self._active!r}): domains cannot nest")
-        if name not in self.config.domains:
-            raise MGSError(f"domain {name!r} was not declared; MGSConfig.domains = {self.config.domains}")
+        if name not in self.domains:
+            raise MGSError(f"domain {name!r} was not declared; declared: {self.domains}")
         for c in self.chunks:
             c.zero_grad_buffer()
         # param.grad may still alias main_grad from the last optimizer step: autograd would accumulate into it
@@ -187,7 +226,7 @@ class ModularGradientSurgery:
             self._active = None
 
     def _stash_domain(self, name: str) -> None:
-        k = self.config.domains.index(name)
+        k = self.domains.index(name)
         row = self._stash[k]
         first = name not in self._present
         for r in self._ranges:
@@ -200,8 +239,8 @@ class ModularGradientSurgery:
     def _present_rows(self):
         """Present domains in declaration order and their stash rows: a [K, N] view when they are contiguous in
         the stash (no copy), else a list of 1-D rows (fancy indexing would copy K x N numbers)."""
-        order = [d for d in self.config.domains if d in self._present]
-        idx = [self.config.domains.index(d) for d in order]
+        order = [d for d in self.domains if d in self._present]
+        idx = [self.domains.index(d) for d in order]
         if idx == list(range(idx[0], idx[-1] + 1)):
             return order, self._stash[idx[0]:idx[-1] + 1]
         return order, [self._stash[k] for k in idx]
@@ -254,7 +293,8 @@ class ModularGradientSurgery:
 
     # ---- checkpointing and inspection ---------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"step": self.step_count, "rule": self.rule.state_dict(), "config": self.config.to_dict()}
+        return {"step": self.step_count, "rule": self.rule.state_dict(), "config": self.config.to_dict(),
+                "domains": list(self.domains)}
 
     def load_state_dict(self, state: dict) -> None:
         self.step_count = int(state["step"])
@@ -267,10 +307,10 @@ class ModularGradientSurgery:
 
         from mgs_megatron.megatron.state import full_from_shards, named_global_parameters
 
-        k = self.config.domains.index(domain)
+        k = self.domains.index(domain)
         by_param = {}
         for r in self._ranges:
-            for layout, a, b, off in r.pieces_all:
+            for layout, a, b, off in r.all_pieces:
                 by_param.setdefault(layout.name, []).append((a, b, self._stash[k, r.stash_offset + off:
                                                                              r.stash_offset + off + b - a]))
         dist_opt = self.chunks[0].ddp_config.use_distributed_optimizer

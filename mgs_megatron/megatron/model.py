@@ -1,6 +1,6 @@
-"""Build a Megatron-Core GPTModel for Llama / Qwen2 / Qwen3 shapes from an architecture-neutral ModelConfig.
+"""Build a Megatron-Core GPTModel for Llama-family shapes from an architecture-neutral ModelConfig.
 
-`ModelConfig` holds what a Hugging Face config says (convert/ parses HF configs into it, per architecture);
+`ModelConfig` (models/) holds what a Hugging Face config says;
 `ParallelConfig` and `PrecisionConfig` are the explicit dataclass configs of the layout and numerics.
 On CPU the local layer spec is used; with Transformer Engine installed and device cuda, the TE spec.
 """
@@ -14,74 +14,20 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-
-class ConfigError(ValueError):
-    """An inconsistent or unsupported configuration; the message names the field."""
-
-
-@dataclass(frozen=True)
-class RopeScaling:
-    """Llama-3.x ("llama3") rope scaling."""
-
-    factor: float = 8.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    architecture: str  # "llama" | "qwen2" | "qwen3"
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    rope_scaling: Optional[RopeScaling] = None
-    max_position_embeddings: int = 4096
-    tie_word_embeddings: bool = False
-    qkv_bias: bool = False
-    qk_norm: bool = False
-
-    def __post_init__(self):
-        if self.architecture not in SUPPORTED_ARCHITECTURES:
-            raise ConfigError(
-                f"architecture={self.architecture!r} is not supported (supported: {sorted(SUPPORTED_ARCHITECTURES)})"
-            )
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_attention_heads",
-                     "num_key_value_heads", "head_dim"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name}={getattr(self, name)} must be positive")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError(
-                f"num_attention_heads={self.num_attention_heads} is not divisible by "
-                f"num_key_value_heads={self.num_key_value_heads}"
-            )
-
-        if self.architecture == "qwen2" and self.head_dim * self.num_attention_heads != self.hidden_size:
-            # Qwen2 (HF and vLLM) derives head_dim = hidden_size / num_attention_heads.
-            raise ConfigError(
-                f"head_dim={self.head_dim} does not match hidden_size / num_attention_heads = "
-                f"{self.hidden_size} / {self.num_attention_heads} (required for architecture 'qwen2')"
-            )
-
-    @property
-    def heads_per_group(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
-
-
-SUPPORTED_ARCHITECTURES = frozenset({"llama", "qwen2", "qwen3"})
+from mgs_megatron.errors import ConfigError
+from mgs_megatron.models import ModelConfig, RopeScaling
 
 
 @dataclass(frozen=True)
 class ParallelConfig:
+    """Megatron's model-parallel layout; data parallelism is what remains of the world size."""
+
     tensor_model_parallel_size: int = 1
+    """Tensor-parallel size (divides the attention heads, the query groups and the MLP width)."""
     pipeline_model_parallel_size: int = 1
+    """Pipeline stages (divide the layers)."""
     virtual_pipeline_model_parallel_size: Optional[int] = None
+    """Model chunks per pipeline stage (interleaved schedule; null: one)."""
 
     def check(self, model: ModelConfig, world_size: Optional[int] = None) -> None:
         tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
@@ -227,5 +173,5 @@ def _apply_llama3_rope_scaling(gpt, model: ModelConfig) -> None:
     rotary.inv_freq = llama3_inv_freq(model.head_dim, model.rope_theta, model.rope_scaling).to(rotary.inv_freq.device)
 
 
-__all__ = ["ConfigError", "ModelConfig", "ParallelConfig", "PrecisionConfig", "RopeScaling", "build_gpt_model",
+__all__ = ["ParallelConfig", "PrecisionConfig", "build_gpt_model",
            "transformer_config", "padded_vocab_size", "llama3_inv_freq"]

@@ -1,8 +1,8 @@
 """Megatron parameters -> the paper's modules: a surgery ParamLayout per local parameter shard.
 
-The names are canonical Megatron names (global layer numbers, see state.py); the blocks come from the converter's
-HF mapping, so `parameter` granularity means one module per Hugging Face tensor, with the fused linear_qkv split
-per query group into q/k/v and linear_fc1 into gate/up on every TP shard.
+The names are canonical Megatron names (global layer numbers, see state.py); the blocks come from the HF tensor
+map (models/), so `parameter` granularity means one module per Hugging Face tensor, with the fused linear_qkv
+split per query group into q/k/v and linear_fc1 into gate/up on every TP shard.
 """
 
 from __future__ import annotations
@@ -11,8 +11,10 @@ from typing import Optional
 
 import torch
 
-from mgs_megatron.megatron.model import ConfigError, ModelConfig
+from mgs_megatron.errors import ConfigError
 from mgs_megatron.megatron.state import named_global_parameters, unwrap
+from mgs_megatron.models import ModelConfig
+from mgs_megatron.models.mapping import hf_module_blocks
 from mgs_megatron.surgery import ParamLayout
 from mgs_megatron.surgery.layout import module_layer
 
@@ -35,8 +37,6 @@ def model_config_from_megatron(gpt) -> ModelConfig:
 def param_layouts(chunks, model_config: Optional[ModelConfig] = None) -> dict[torch.nn.Parameter, ParamLayout]:
     """ParamLayout of every local parameter (TP-local shape, canonical name, HF blocks)."""
     from megatron.core import parallel_state as ps
-
-    from mgs_megatron.convert.mapping import hf_module_blocks
 
     tp = ps.get_tensor_model_parallel_world_size()
     cfg = model_config or model_config_from_megatron(unwrap(chunks[0]))

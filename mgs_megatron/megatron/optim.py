@@ -2,9 +2,36 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+
+
+@dataclass
+class OptimConfig:
+    """Adam through Megatron's optimizer (distributed or not), gradient clipping, and the micro-batch size."""
+
+    lr: float = 1e-6
+    """Learning rate (constant)."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (AdamW)."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clip (after the surgery)."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.999
+    """Adam beta2."""
+    micro_batch_size: int = 4
+    """Sequences per forward/backward micro-batch (every micro-batch holds one domain)."""
+    use_distributed_optimizer: bool = True
+    """Shard optimizer state and gradients over data-parallel ranks (MGS then stashes only this rank's shard)."""
+
+    def __post_init__(self):
+        if self.micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size={self.micro_batch_size} must be >= 1")
+        if self.lr < 0 or self.weight_decay < 0 or self.clip_grad < 0:
+            raise ValueError(f"lr={self.lr}, weight_decay={self.weight_decay}, clip_grad={self.clip_grad} must be >= 0")
 
 
 def wrap_ddp(chunks: Sequence[torch.nn.Module], ddp_config, *, device: str = "cpu"):
@@ -25,6 +52,26 @@ def build_optimizer(ddp_chunks, optimizer_config):
     from megatron.core.optimizer import get_megatron_optimizer
 
     return get_megatron_optimizer(optimizer_config, list(ddp_chunks))
+
+
+def make_trainable(chunks: Sequence[torch.nn.Module], cfg: OptimConfig, *, params_dtype: torch.dtype, device: str,
+                   lr: float | None = None, weight_decay: float | None = None):
+    """DDP-wrapped chunks and Megatron's Adam for `cfg` (fp32 grad reduction; bf16 params keep fp32 main params),
+    with Megatron's schedules driving the gradient sync. Returns (ddp_chunks, optimizer)."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig
+
+    from mgs_megatron.megatron.schedule import configure_grad_sync
+
+    ddp = wrap_ddp(chunks, DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.use_distributed_optimizer), device=device)
+    optimizer = build_optimizer(ddp, OptimizerConfig(
+        optimizer="adam", lr=cfg.lr if lr is None else lr,
+        weight_decay=cfg.weight_decay if weight_decay is None else weight_decay, clip_grad=cfg.clip_grad,
+        adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, use_distributed_optimizer=cfg.use_distributed_optimizer,
+        bf16=params_dtype == torch.bfloat16, params_dtype=params_dtype))
+    configure_grad_sync(ddp)
+    return ddp, optimizer
 
 
 def zero_grads(ddp_chunks, optimizer) -> None:

@@ -33,7 +33,8 @@ def _global_name(model: torch.nn.Module, local_name: str) -> str:
     return f"decoder.layers.{layer.layer_number - 1}." + local_name[m.end():]
 
 
-def named_global_parameters(chunks: Sequence[torch.nn.Module]) -> Iterator[tuple[str, torch.nn.Parameter, torch.nn.Module]]:
+def named_global_parameters(chunks: Sequence[torch.nn.Module]
+                            ) -> Iterator[tuple[str, torch.nn.Parameter, torch.nn.Module]]:
     """(canonical name, local parameter, its GPTModel) for every parameter of this rank's chunks."""
     for chunk in chunks:
         model = unwrap(chunk)
@@ -70,7 +71,8 @@ def full_from_shards(name: str, shards: Sequence[torch.Tensor], param: torch.Ten
 
 
 @torch.no_grad()
-def load_full_state_dict(chunks: Sequence[torch.nn.Module], state: dict[str, torch.Tensor], strict: bool = True) -> None:
+def load_full_state_dict(chunks: Sequence[torch.nn.Module], state: dict[str, torch.Tensor],
+                         strict: bool = True) -> None:
     """Copy canonical full tensors into this rank's shards (every rank passes the same dict, or a superset)."""
     tp, rank, _ = _tp()
     for name, p, model in named_global_parameters(chunks):

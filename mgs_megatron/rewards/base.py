@@ -106,6 +106,8 @@ DOMAIN_DEFAULTS: dict[str, str] = {"math": "math_verify", "if": "ifeval", "chat"
 def register_reward(name: str, *domains: str):
     """Decorator registering a Reward class/factory under `name` (and as the default for `domains`)."""
     def deco(obj):
+        if name in REWARD_REGISTRY:
+            raise ValueError(f"reward {name!r} is already registered ({REWARD_REGISTRY[name].__name__})")
         REWARD_REGISTRY[name] = obj
         for d in domains:
             DOMAIN_DEFAULTS[d] = name

@@ -13,19 +13,31 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from .base import (FAILED, TIMEOUT, Reward, RewardInput, ScoreOutcome, build_reward, reward_has_accuracy,
-                   safe_score_batch)
+from .base import (
+    FAILED,
+    TIMEOUT,
+    Reward,
+    RewardInput,
+    ScoreOutcome,
+    build_reward,
+    reward_has_accuracy,
+    safe_score_batch,
+)
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class DomainRewardSpec:
-    """`reward`: registry name ("math_verify", "ifeval", "reward_model"), a domain name (its default) or a
-    dotted path "pkg.module:fn"; `kwargs` go to its constructor/factory; `weight` scales the score."""
+    """One domain's reward (the trainer's `rewards.<domain>` entries)."""
+
     reward: str
+    """A registered name ("math_verify", "ifeval", "reward_model", "process_function"), a domain name (its
+    default reward) or a dotted path "pkg.module:fn" to a user reward."""
     kwargs: dict = field(default_factory=dict)
+    """Keyword arguments of the reward's constructor or factory (e.g. model_path for the reward model)."""
     weight: float = 1.0
+    """Multiplies the domain's scores."""
 
 
 @dataclass

@@ -16,6 +16,7 @@ exactly to the Mixed-RL gradient. `agg_loss(..., "token-mean")` is the local con
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Dict, Sequence
 
 import torch
@@ -27,6 +28,8 @@ KL_ESTIMATORS: Dict[str, Callable] = {}
 
 def _register(table: dict, name: str):
     def deco(fn):
+        if name in table:
+            raise ValueError(f"{name!r} is already registered ({table[name].__name__})")
         table[name] = fn
         return fn
     return deco
@@ -48,6 +51,40 @@ def _get(table: dict, kind: str, name: str):
     if name not in table:
         raise KeyError(f"unknown {kind} {name!r}; registered: {sorted(table)}")
     return table[name]
+
+
+@dataclass
+class AlgoConfig:
+    """The RL objective: advantages, policy loss, KL to the reference model, entropy bonus."""
+
+    adv_estimator: str = "grpo"
+    """Advantage estimator (registry ADVANTAGE_ESTIMATORS: 'grpo', 'rloo')."""
+    norm_adv_by_std: bool = True
+    """GRPO: divide by the group's reward std (Dr. GRPO: false)."""
+    adv_eps: float = 1e-6
+    """Added to the group std."""
+    policy_loss: str = "clip"
+    """Policy loss (registry POLICY_LOSSES: 'clip', PPO's clipped surrogate)."""
+    clip_low: float = 0.2
+    """Ratio clip below 1."""
+    clip_high: float = 0.2
+    """Ratio clip above 1 (DAPO's clip-higher when > clip_low)."""
+    kl_coef: float = 0.001
+    """Weight of the KL penalty to the frozen reference model (0: no reference model is built)."""
+    kl_type: str = "low_var_kl"
+    """KL estimator (registry KL_ESTIMATORS: 'low_var_kl' = 'k3', 'k1', 'abs', 'mse')."""
+    entropy_coef: float = 0.001
+    """Weight of the entropy bonus."""
+    filter_zero_variance: bool = False
+    """Drop groups whose rewards are all equal (they carry no GRPO signal)."""
+
+    def __post_init__(self):
+        for name, table in (("adv_estimator", ADVANTAGE_ESTIMATORS), ("policy_loss", POLICY_LOSSES),
+                            ("kl_type", KL_ESTIMATORS)):
+            if getattr(self, name) not in table:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {sorted(table)}")
+        if self.clip_low < 0 or self.clip_high < 0:
+            raise ValueError(f"clip_low={self.clip_low} / clip_high={self.clip_high} must be >= 0")
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -173,7 +210,7 @@ def kl_low_var(logp: torch.Tensor, ref_logp: torch.Tensor, clamp: float = 10.0) 
     return (d.exp() - d - 1.0).clamp(min=-clamp, max=clamp)
 
 
-KL_ESTIMATORS["k3"] = kl_low_var
+register_kl("k3")(kl_low_var)
 
 
 def kl_penalty(name: str, logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
@@ -191,7 +228,8 @@ def token_logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> to
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
 
 
-__all__ = ["ADVANTAGE_ESTIMATORS", "POLICY_LOSSES", "KL_ESTIMATORS", "register_advantage", "register_policy_loss",
+__all__ = ["AlgoConfig", "ADVANTAGE_ESTIMATORS", "POLICY_LOSSES", "KL_ESTIMATORS", "register_advantage",
+           "register_policy_loss",
            "register_kl", "compute_advantage", "grpo_advantage", "rloo_advantage", "group_stats",
            "nonzero_variance_groups", "policy_loss", "clipped_policy_loss", "kl_penalty", "kl_low_var",
            "entropy_from_logits", "token_logprobs_from_logits", "masked_sum", "masked_mean", "agg_loss"]

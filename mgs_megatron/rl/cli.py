@@ -34,13 +34,13 @@ def main(argv=None) -> int:
     from mgs_megatron.rl.config import ConfigError, check_paths, load_config
 
     args = parse(argv)
+    under_launcher = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     try:
         cfg = load_config(args.config, args.overrides)
-        check_paths(cfg)
+        check_paths(cfg, int(os.environ["WORLD_SIZE"]) if under_launcher else cfg.launcher.nproc_per_node)
     except ConfigError as e:
         print(f"mgs-train: config error: {e}", file=sys.stderr)
         return 2
-    under_launcher = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     n = cfg.launcher.nproc_per_node
     if not under_launcher and n > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--standalone",

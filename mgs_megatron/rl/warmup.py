@@ -2,12 +2,8 @@
 
 RL from a random init learns nothing (a random policy almost never earns a reward); real RL starts from a base or
 SFT model. Here a short SFT (Megatron's forward_backward + a Megatron Adam, world = the trainer's) on demonstrations
-built from the prompts themselves:
-
-    math  "\\boxed{ANSWER}"; a `noise` fraction gets a wrong answer
-    if    a short answer built to follow the row's IFEval instructions (case, commas, length, ending, title,
-          keyword, quotes); a `noise` fraction gets a chat-style answer that breaks them
-    chat  `toy.chat_pair`'s preferred response; a `noise` fraction gets the rejected one
+built from the prompts themselves (data/toy.py `build_demonstrations`: a right answer, or with probability `noise`
+a wrong / rule-breaking / rejected one).
 
 The result is cached as a canonical checkpoint in a directory keyed by a hash of the warm-up + model config, so
 only the first run pays for it. `maybe_warmup(...)` is the trainer's single entry point.
@@ -20,8 +16,9 @@ import json
 import logging
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -30,70 +27,20 @@ from mgs_megatron.data import pack_sequences
 log = logging.getLogger("mgs_megatron.rl.warmup")
 
 
-# ================================================================================================ demonstrations
-def math_demo(row: dict, rng: random.Random, noisy: bool) -> str:
-    ans = int(row["answer"]) if str(row["answer"]).lstrip("-").isdigit() else row["answer"]
-    if noisy:
-        ans = ans + rng.choice([-3, -2, -1, 1, 2, 3, 10]) if isinstance(ans, int) else f"{ans}0"
-    return f"\\boxed{{{ans}}}"
+@dataclass
+class WarmupConfig:
+    """Supervised warm-up on noisy toy demonstrations before RL (the toy domains only; 0 steps = none)."""
 
-
-def if_demo(row: dict, rng: random.Random, noisy: bool) -> str:
-    """A response that follows every instruction of the row (or, noisy, a chat-style one that breaks most)."""
-    prompt = row["prompt"]
-    topic = prompt.split("Say something about ", 1)[-1].split(".", 1)[0] if "Say something about " in prompt \
-        else "things"
-    ids = list(row.get("instruction_id_list", []))
-    kws = {iid: (kw or {}) for iid, kw in zip(ids, row.get("kwargs", []))}
-    if noisy:
-        return rng.choice([f"Hello, {topic} are great, thank you!", f"Well, {topic}, {topic}, and more, sure!",
-                           f"Sure, I can talk about {topic}, of course, it is lovely!"])
-    end = kws.get("startend:end_checker", {}).get("end_phrase")
-    short = "length_constraints:number_words" in ids
-    # (IFEval's case checks run langdetect, which needs a few real English words; these pass for every topic)
-    body = rng.choice([f"I think {topic} are the best.", f"The best is {topic}."])
-    if short:
-        body = f"{topic.capitalize()}." if end else f"The best is {topic}."
-    parts = []
-    if "detectable_format:title" in ids:
-        parts.append(f"<<{topic}>>")
-    parts.append(body)
-    if end:
-        parts.append(end)
-    text = " ".join(parts)
-    if "startend:quotation" in ids:
-        text = f"\"{text}\""
-    if "change_case:english_capital" in ids:
-        text = text.upper()
-    elif "change_case:english_lowercase" in ids:
-        text = text.lower()
-    return text
-
-
-def chat_demo(row: dict, rng: random.Random, noisy: bool) -> str:
-    from mgs_megatron.data.toy import chat_pair
-
-    good, bad = chat_pair(row["prompt"], rng)
-    return bad if noisy else good
-
-
-DEMO_BUILDERS = {"math": math_demo, "if": if_demo, "chat": chat_demo}
-
-
-def build_demonstrations(rows: Sequence[dict], noise: float, seed: int, copies: int = 1) -> list[dict]:
-    """[{domain, prompt, response, noisy}] for rows of the toy domains (others are skipped); deterministic in seed.
-    `copies` draws that many demonstrations per row (fresh noise / phrasing each)."""
-    rng = random.Random(seed)
-    out = []
-    for c in range(copies):
-        for row in rows:
-            fn = DEMO_BUILDERS.get(row.get("domain"))
-            if fn is None:
-                continue
-            noisy = rng.random() < noise
-            out.append({"domain": row["domain"], "prompt": row["prompt"], "response": fn(row, rng, noisy),
-                        "noisy": noisy, "row": row})
-    return out
+    steps: int = 0
+    """SFT steps (0: no warm-up)."""
+    lr: float = 3e-3
+    """Peak learning rate, decayed linearly to 10%."""
+    batch_size: int = 32
+    """Demonstrations per step over all ranks."""
+    noise: float = 0.3
+    """Fraction of wrong / rule-breaking demonstrations (leaves room for RL to improve)."""
+    cache: str = ""
+    """Directory of the cached result ('': <output_dir>/../warmup-<hash of the settings>)."""
 
 
 def encode_demo(tokenizer, demo: dict, max_prompt_len: int, max_response_len: int) -> tuple[list[int], int]:
@@ -167,24 +114,22 @@ def maybe_warmup(cfg, train_rows: dict, *, model_cfg, hf_config: dict, layout, p
     `warmup.steps` is 0 or the run resumes from an RL checkpoint. Every rank calls this."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
-    from megatron.core.distributed import DistributedDataParallelConfig
-    from megatron.core.optimizer import OptimizerConfig
     from transformers import AutoTokenizer
 
-    from mgs_megatron.convert import save_checkpoint
-    from mgs_megatron.convert.checkpoint import META
+    from mgs_megatron.convert import is_canonical
+    from mgs_megatron.data.toy import build_demonstrations
     from mgs_megatron.megatron.model import build_gpt_model
-    from mgs_megatron.megatron.optim import build_optimizer, wrap_ddp
-    from mgs_megatron.megatron.schedule import configure_grad_sync
-    from mgs_megatron.rl import checkpoint as ckpt
+    from mgs_megatron.megatron.optim import make_trainable
+    from mgs_megatron.rl import resume
+    from mgs_megatron.weights import save_weights
 
     w = cfg.warmup
     if w.steps <= 0:
         return None
-    if cfg.run.resume == "auto" and ckpt.latest(Path(cfg.run.output_dir) / "checkpoints") is not None:
+    if cfg.run.resume == "auto" and resume.latest(Path(cfg.run.output_dir) / "checkpoints") is not None:
         return None
     path = cache_dir(cfg)
-    if (path / META).exists():  # written last (the directory appears atomically anyway)
+    if is_canonical(path):  # its metadata is written last (the directory appears atomically anyway)
         if dist.get_rank() == 0:
             print(f"[warm-up] cached: {path}", flush=True)
         return path
@@ -192,27 +137,20 @@ def maybe_warmup(cfg, train_rows: dict, *, model_cfg, hf_config: dict, layout, p
     t0 = time.perf_counter()
     tok_dir = cfg.model.tokenizer or cfg.model.path
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    val_n = cfg.data.val_holdout if not cfg.data.val_sources else 0  # the trainer's split: no held-out prompt
     rows = [p.fields | {"domain": p.domain, "prompt": p.prompt or p.as_messages()[-1]["content"]}
-            for v in train_rows.values() for p in (v[:-val_n] if val_n and len(v) > 2 * val_n else v)]
+            for v in train_rows.values() for p in v]
     demos = build_demonstrations(rows, w.noise, seed=cfg.run.seed, copies=4)
     encoded = [encode_demo(tokenizer, d, cfg.rollout.max_prompt_len, cfg.rollout.max_response_len) for d in demos]
 
     model = build_gpt_model(model_cfg, layout, precision)
     load_initial_weights([model])
-    chunks = wrap_ddp([model], DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.optim.use_distributed_optimizer), device=device)
-    optimizer = build_optimizer(chunks, OptimizerConfig(
-        optimizer="adam", lr=w.lr, weight_decay=0.0, clip_grad=1.0,
-        use_distributed_optimizer=cfg.optim.use_distributed_optimizer, bf16=precision.params_dtype == torch.bfloat16,
-        params_dtype=precision.params_dtype))
-    configure_grad_sync(chunks)
+    chunks, optimizer = make_trainable([model], cfg.optim, params_dtype=precision.params_dtype, device=device,
+                                       lr=w.lr, weight_decay=0.0)
     per_rank = -(-w.batch_size // ps.get_data_parallel_world_size())  # the whole DP share in one micro-batch
     losses = run_sft(chunks, optimizer, encoded, steps=w.steps, batch_size=w.batch_size,
                      micro_batch_size=max(cfg.optim.micro_batch_size, per_rank), lr=w.lr, seed=cfg.run.seed,
                      pad=tokenizer.pad_token_id or 0)
-    save_checkpoint(chunks, model_cfg, path, hf_config=hf_config, hf_side_dir=tok_dir, overwrite=True,
-                    progress=False)
+    save_weights(chunks, model_cfg, path, hf_config=hf_config, hf_side_dir=tok_dir, overwrite=True)
     if dist.get_rank() == 0:
         print(f"[warm-up] {w.steps} steps on {len(demos)} demonstrations (noise {w.noise}): loss "
               f"{losses[0]:.3f} -> {losses[-1]:.3f} in {time.perf_counter() - t0:.0f}s; cached at {path}", flush=True)

@@ -10,6 +10,7 @@
               of its Megatron DP rank
   logprobs    megatron_token_logprobs / rollout_logprobs / logprob_diff (the rollout/logprob_diff metric)
   gpu         GPU-only: sleep-mode kwargs and sleep / wake around training (untested on CPU)
+  backends    the trainer's rollout backends (vllm: engine + sync; megatron: token-by-token fallback), build_backend
 
 Engine placement (CPU and GPU alike): every rank of the job holds an engine. vLLM, when it finds
 torch.distributed already initialised, builds its groups from OUR default process group with collectives over
@@ -17,8 +18,14 @@ all ranks, so an engine on rank 0 only would hang; external_launcher makes this 
 ranks must therefore construct, generate, sync and close together.
 """
 
-from mgs_megatron.rollout.config import (EngineInvalidError, PromptTooLongError, Rollout, RolloutConfig,
-                                         RolloutError, SyncStats)
+from mgs_megatron.rollout.config import (
+                                         EngineInvalidError,
+                                         PromptTooLongError,
+                                         Rollout,
+                                         RolloutConfig,
+                                         RolloutError,
+                                         SyncStats,
+)
 from mgs_megatron.rollout.distribute import generate_distributed, split_range
 from mgs_megatron.rollout.engine import RolloutEngine, engine_kwargs, request_seed
 from mgs_megatron.rollout.logprobs import logprob_diff, megatron_token_logprobs, rollout_logprobs

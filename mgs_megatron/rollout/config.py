@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 
@@ -22,32 +22,57 @@ class EngineInvalidError(RolloutError):
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    max_prompt_len: int = 256
-    max_response_len: int = 128
-    n: int = 1                      # samples per prompt
+    """Generation: the engine (vLLM, or Megatron token by token), sampling, lengths, and the weight sync."""
+
+    backend: Literal["vllm", "megatron"] = "megatron"
+    """'vllm': a vLLM engine per rank with in-place weight sync; 'megatron': token-by-token generation with the
+    live Megatron model (no KV cache; for tiny models and tests)."""
+    n: int = 4
+    """Samples per prompt (the GRPO group size)."""
     temperature: float = 1.0
+    """Sampling temperature (0: greedy)."""
     top_p: float = 1.0
-    top_k: int = -1                 # -1: off
-    seed: int = 0                   # per-request seeds derive from (seed, step, global prompt index)
+    """Nucleus sampling threshold."""
+    top_k: int = -1
+    """Top-k sampling (-1: off)."""
+    max_prompt_len: int = 64
+    """Prompt tokens (after the chat template); longer prompts are handled by `overlong`."""
+    max_response_len: int = 24
+    """Response tokens generated at most."""
+    overlong: Literal["error", "truncate"] = "truncate"
+    """A prompt over max_prompt_len: 'error' raises naming it; 'truncate' keeps its LAST max_prompt_len tokens
+    (where the generation prompt lives) and counts it."""
     stop: tuple[str, ...] = ()
+    """Stop strings."""
     stop_token_ids: tuple[int, ...] = ()
+    """Stop token ids (besides the tokenizer's eos)."""
     ignore_eos: bool = False
+    """Keep generating past eos (benchmarks)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """vLLM's weight dtype: float32 for exactness checks, bfloat16 for real runs."""
+    rollout_tp: int = 1
+    """vLLM tensor-parallel size (independent of Megatron's TP; divides the world size)."""
     kv_cache_bytes: int = 256 << 20
-    dtype: str = "float32"          # float32 for exactness checks; bfloat16 for real runs
-    enforce_eager: bool = True      # CPU: no torch.compile (55 s start-up otherwise)
-    overlong: str = "error"         # "error" | "truncate" (keep the LAST max_prompt_len tokens; counted)
-    rollout_tp: int = 1             # vLLM tensor parallel size (independent of Megatron's TP)
-    sync_bucket_bytes: int = 256 << 20
-    timeout_s: Optional[float] = None   # generation deadline; None = no limit
+    """CPU only: vLLM's KV-cache size in bytes (vLLM-CPU needs it set)."""
+    enforce_eager: bool = True
+    """No torch.compile / CUDA graphs in vLLM (CPU: avoids a ~55 s start-up)."""
     max_num_seqs: int = 256
-    gpu_memory_utilization: float = 0.5  # GPU only
-    enable_sleep_mode: bool = False      # GPU only (CPU vLLM ignores sleep())
+    """vLLM's concurrent sequences."""
+    sync_bucket_bytes: int = 256 << 20
+    """Weight-sync bucket size: each reload carries about this many bytes of complete vLLM modules."""
+    timeout_s: Optional[float] = None
+    """Generation deadline per call in seconds (null: none); a timeout raises RolloutError."""
+    gpu_memory_utilization: float = 0.5
+    """GPU only: fraction of the GPU vLLM may use."""
+    enable_sleep_mode: bool = False
+    """GPU only: let vLLM release its memory while Megatron trains (CPU vLLM ignores sleep())."""
+    logprob_diff_warn: float = 0.0
+    """Warn when max |vLLM - Megatron| token logprob (rollout/logprob_diff_max) exceeds this (0: off)."""
     extra_engine_kwargs: dict = field(default_factory=dict)
+    """Extra keyword arguments for vllm.LLM."""
 
     def __post_init__(self):
-        if self.overlong not in ("error", "truncate"):
-            raise ValueError(f"overlong={self.overlong!r}: expected 'error' or 'truncate'")
-        for name in ("max_prompt_len", "max_response_len", "n", "rollout_tp", "sync_bucket_bytes"):
+        for name in ("max_prompt_len", "max_response_len", "n", "rollout_tp", "sync_bucket_bytes", "max_num_seqs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.temperature < 0 or not 0 < self.top_p <= 1:

@@ -15,8 +15,7 @@ from typing import Iterable, Optional, Sequence, Union
 
 import torch
 
-from mgs_megatron.rollout.config import (EngineInvalidError, PromptTooLongError, Rollout, RolloutConfig,
-                                         RolloutError)
+from mgs_megatron.rollout.config import EngineInvalidError, PromptTooLongError, Rollout, RolloutConfig, RolloutError
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +28,13 @@ def _dist_world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def engine_kwargs(model_path: str, cfg: RolloutConfig, *, device: str = "cpu",
+def engine_kwargs(model_path: str, cfg: RolloutConfig, *, seed: int = 0, device: str = "cpu",
                   tokenizer: Optional[str] = None) -> dict:
     """Keyword arguments of vllm.LLM for this process (CPU in-process, or SPMD external_launcher in a job)."""
     import torch.distributed as dist
 
     kw = dict(model=str(model_path), tokenizer=str(tokenizer or model_path), dtype=cfg.dtype,
-              enforce_eager=cfg.enforce_eager, max_model_len=cfg.max_model_len, seed=cfg.seed,
+              enforce_eager=cfg.enforce_eager, max_model_len=cfg.max_model_len, seed=seed,
               max_num_seqs=cfg.max_num_seqs, logprobs_mode="raw_logprobs",  # logprobs before temperature/top-p
               tensor_parallel_size=cfg.rollout_tp)
     if dist.is_available() and dist.is_initialized():
@@ -60,16 +59,17 @@ def request_seed(base: int, step: int, prompt_index: int) -> int:
 
 
 class RolloutEngine:
-    def __init__(self, model_path: str, cfg: RolloutConfig, *, device: str = "cpu",
+    """One vLLM engine. `seed`: per-request seeds derive from (seed, step, global prompt index)."""
+
+    def __init__(self, model_path: str, cfg: RolloutConfig, *, seed: int = 0, device: str = "cpu",
                  tokenizer: Optional[str] = None):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: tensors pass by reference
         t0 = time.perf_counter()
         from transformers import AutoTokenizer
         from vllm import LLM
 
-        self.cfg = cfg
-        self.device = device
-        self.kwargs = engine_kwargs(model_path, cfg, device=device, tokenizer=tokenizer)
+        self.cfg, self.seed, self.device = cfg, seed, device
+        self.kwargs = engine_kwargs(model_path, cfg, seed=seed, device=device, tokenizer=tokenizer)
         try:
             self.llm = LLM(**self.kwargs)
         except Exception as e:  # noqa: BLE001 - surface vLLM's own message
@@ -137,7 +137,7 @@ class RolloutEngine:
         try:
             for i, (tok, cut) in enumerate(prepared):
                 g = prompt_offset + i
-                params = self.sampling_params(request_seed(self.cfg.seed, step, g), **sampling_overrides)
+                params = self.sampling_params(request_seed(self.seed, step, g), **sampling_overrides)
                 rid = f"s{step}-p{g}-{time.monotonic_ns()}"
                 ids[rid] = i
                 engine.add_request(rid, {"prompt_token_ids": tok}, params)

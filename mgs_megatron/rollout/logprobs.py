@@ -1,6 +1,6 @@
 """Megatron's per-token logprobs of given sequences (the live model, any TP/PP) and the vLLM-vs-Megatron diff.
 
-The forward goes through convert.forward.megatron_logits (Megatron's pipeline schedule; TP-sharded vocab is
+The forward goes through megatron.forward.megatron_logits (Megatron's pipeline schedule; TP-sharded vocab is
 gathered and the padding stripped, so the softmax is over the real vocabulary exactly as vLLM's), then an fp32
 log_softmax and a gather of each response token's logprob at the position before it. Sequences are right-padded
 (causal attention: padding never influences earlier positions).
@@ -23,7 +23,7 @@ def megatron_token_logprobs(chunks: Sequence[torch.nn.Module], sequences: Sequen
     """logprob of sequences[i][t] given sequences[i][:t], for t in [prompt_lens[i], len); fp32, on every rank."""
     from megatron.core import parallel_state as ps
 
-    from mgs_megatron.convert.forward import megatron_logits
+    from mgs_megatron.megatron.forward import megatron_logits
 
     modes = [m.training for m in chunks]
     out: list[Optional[torch.Tensor]] = []
@@ -59,6 +59,19 @@ def rollout_logprobs(chunks, rollouts: Sequence[Rollout], vocab_size: int, **kw)
     """Megatron's logprobs of each rollout's response tokens."""
     return megatron_token_logprobs(chunks, [r.sequence for r in rollouts], [len(r.prompt_ids) for r in rollouts],
                                    vocab_size, **kw)
+
+
+def logprob_diff_over_ranks(rollouts: Sequence[Rollout], megatron_logprobs: Sequence[torch.Tensor]) -> dict:
+    """logprob_diff of this rank's rollouts, reduced over all ranks: the max, and the token-weighted mean (TP/PP
+    peers hold copies of their DP share, which weighs every share equally: the mean is unchanged)."""
+    diff = logprob_diff(rollouts, megatron_logprobs)
+    n = diff["rollout/logprob_tokens"]
+    red = torch.tensor([diff["rollout/logprob_diff_mean"] * n, n], dtype=torch.float64)
+    dist.all_reduce(red)
+    mx = torch.tensor([diff["rollout/logprob_diff_max"]], dtype=torch.float64)
+    dist.all_reduce(mx, op=dist.ReduceOp.MAX)
+    return {"rollout/logprob_diff_max": float(mx[0]),
+            "rollout/logprob_diff_mean": float(red[0] / red[1].clamp_min(1.0))}
 
 
 def logprob_diff(rollouts: Sequence[Rollout], megatron_logprobs: Sequence[torch.Tensor]) -> dict[str, float]:

@@ -29,6 +29,8 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
+from mgs_megatron.megatron.stream import iter_hf_weights
+from mgs_megatron.models import hf_shapes
 from mgs_megatron.rollout.config import RolloutError, SyncStats, dtype_of
 
 log = logging.getLogger(__name__)
@@ -47,8 +49,6 @@ def module_key(hf_name: str) -> str:
 
 def vllm_buckets(groups, model_cfg, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Regroup the exporter's groups into buckets of complete vLLM modules (see module doc)."""
-    from mgs_megatron.convert import hf_shapes
-
     need: dict[str, int] = defaultdict(int)
     for name in hf_shapes(model_cfg):
         need[module_key(name)] += 1
@@ -69,8 +69,6 @@ def vllm_buckets(groups, model_cfg, bucket_bytes: int) -> Iterator[list[tuple[st
 def sync_weights(engine, chunks: Sequence[torch.nn.Module], model_cfg, *, bucket_bytes: Optional[int] = None,
                  dtype: Optional[torch.dtype] = None, version: Optional[int] = None) -> SyncStats:
     """Stream the live Megatron model (this rank's chunks) into `engine` (a RolloutEngine or None)."""
-    from mgs_megatron.convert import hf_shapes, iter_hf_weights
-
     bucket_bytes = bucket_bytes or (engine.cfg.sync_bucket_bytes if engine is not None else 256 << 20)
     if dtype is None and engine is not None:
         dtype = dtype_of(engine.cfg.dtype)

@@ -7,8 +7,8 @@ from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 import torch
 
 from .config import SurgeryConfig
-from .kernels import combine, gram
 from .layout import ParamLayout, module_layer
+from .passes import combine, gram
 from .rules import Rule
 from .segments import Segments, build_segments
 from .stats import surgery_stats, surgery_tensors

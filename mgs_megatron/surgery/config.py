@@ -1,36 +1,40 @@
-"""SurgeryConfig: the validated, plain-dataclass configuration of the surgery core."""
+"""SurgeryConfig: the validated, plain-dataclass configuration of the surgery core (the trainer's `mgs:` section)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Literal, get_args
 
-from .fused import check_kernel
+from .compiled import check_kernel
 from .layout import GRANULARITIES
 from .rules import RULES, Rule, get_rule, rule_options
 
-NONFINITE_POLICIES = ("error", "sum")
+NonFinitePolicy = Literal["error", "sum"]
+NONFINITE_POLICIES = get_args(NonFinitePolicy)
 
 
 @dataclass
 class SurgeryConfig:
-    """rule: "sum" (Mixed RL), "pcgrad" (the paper's MGS), "gradvac", or a registered name.
-    granularity: "parameter" (paper), "mcore-parameter", "layer", "global" (global PCGrad baseline).
-    seed: seeds the per-(step, module) random domain order.
-    eps: a domain j is projected against only if |g_j|^2 > eps (so all-zero/missing gradients are skipped).
-    gradvac_beta: EMA rate of GradVac's cosine targets.
-    on_nonfinite: "error" raises naming the modules/domains with non-finite Gram entries; "sum" falls back to the
-      plain sum for those modules (their combined gradient stays non-finite, so the optimizer's own inf/nan
-      check still skips the step) and counts them in the "surgery/nonfinite_modules" metric.
-    kernel: "auto" (one-pass torch.compile kernels for runs of >= 1M elements, eager if compilation fails),
-      "eager" (batched matmuls only, nothing compiled), "compiled" (compiled for every run of >= 8192 elements;
-      a compilation failure raises).
-    """
+    """How the per-domain gradients of each module are combined (see surgery/__init__.py for the flow)."""
+
     rule: str = "pcgrad"
-    granularity: str = "parameter"
+    """'sum' (Mixed RL), 'pcgrad' (the paper's MGS), 'gradvac', or a name added with surgery.register_rule."""
+    granularity: Literal["parameter", "mcore-parameter", "layer", "global"] = "parameter"
+    """Module = one HF tensor ('parameter', the paper's), one Megatron tensor, one layer, or the whole model
+    ('global': global PCGrad, the paper's baseline)."""
     seed: int = 0
+    """Seeds the per-(step, module) random order in which PCGrad / GradVac visit the other domains."""
     eps: float = 0.0
+    """Domain j is projected against only if |g_j|^2 > eps (absolute; the official code uses 1e-12), so all-zero
+    or missing gradients are skipped."""
     gradvac_beta: float = 0.01
-    on_nonfinite: str = "error"
-    kernel: str = "auto"
+    """EMA rate of GradVac's cosine targets."""
+    on_nonfinite: NonFinitePolicy = "error"
+    """'error' raises naming the modules and domains with a non-finite Gram entry; 'sum' falls back to the plain
+    sum for those modules (their combined gradient stays non-finite, so the optimizer's own inf/nan check skips the
+    step) and counts them in surgery/nonfinite_modules."""
+    kernel: Literal["auto", "eager", "compiled"] = "auto"
+    """'auto': one-pass torch.compile kernels for runs of >= 1M elements, eager if compilation fails; 'eager':
+    batched matmuls only; 'compiled': compiled for every run of >= 8192 elements (a compilation failure raises)."""
 
     def __post_init__(self):
         if self.rule not in RULES:

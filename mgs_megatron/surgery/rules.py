@@ -68,8 +68,9 @@ class SumRule(Rule):
 
 
 class PCGradRule(Rule):
-    """PCGrad per module, exactly DESIGN.md's loop: a_i starts at e_i; for j in a random order of the other
-    domains, if <a_i g, g_j> < 0 and |g_j|^2 > eps, remove the component along the *original* g_j; W = sum_i a_i.
+    """PCGrad per module in Gram form (the reference per-tensor loop without building a projected gradient):
+    a_i starts at e_i; for j in a random order of the other domains, if <a_i g, g_j> < 0 and |g_j|^2 > eps, remove
+    the component along the *original* g_j; W = sum_i a_i.
     """
     name = "pcgrad"
 
@@ -183,6 +184,9 @@ RULES: Dict[str, type] = {"sum": SumRule, "pcgrad": PCGradRule, "gradvac": GradV
 
 
 def register_rule(name: str, cls: type) -> None:
+    """Add a rule class under `name`; a name registered twice is an error (it would silently replace a rule)."""
+    if name in RULES:
+        raise ValueError(f"surgery rule {name!r} is already registered ({RULES[name].__name__})")
     RULES[name] = cls
 
 

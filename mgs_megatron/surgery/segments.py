@@ -1,7 +1,7 @@
 """Segments: which contiguous slices ("runs") of one flat gradient shard belong to which module.
 
-A *piece* is (ParamLayout, piece_start, piece_end, flat_offset): the rank owns elements [piece_start, piece_end)
-of the parameter's row-major flattening, stored at flat[flat_offset : flat_offset + piece_end - piece_start].
+A `Piece` (layout, start, end, offset): the rank owns elements [start, end) of the parameter's row-major
+flattening, stored at flat[offset : offset + end - start].
 Pieces may start or end mid-tensor and mid-row (distributed-optimizer shards).
 
 Every rank must use the same module list so that Gram tensors [M, K, K] line up for the all-reduce: build the
@@ -16,13 +16,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Iterable, Optional, Sequence, Tuple
+from typing import Iterable, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
 from .layout import GRANULARITIES, ParamLayout, module_key, module_layer, module_name, module_type
 
-Piece = Tuple[ParamLayout, int, int, int]
+
+class Piece(NamedTuple):
+    """Elements [start, end) of a parameter's row-major flattening, held at flat[offset : offset + end - start]."""
+
+    layout: ParamLayout
+    start: int
+    end: int
+    offset: int
+
 Run = Tuple[int, int, int]  # (flat_start, flat_end, module_idx)
 
 
@@ -125,5 +133,5 @@ def pieces_for_shard(layouts: Sequence[ParamLayout], shard_start: int, shard_end
     for lay, off in zip(layouts, buffer_offsets):
         a, b = max(off, shard_start), min(off + lay.numel, shard_end)
         if a < b:
-            pieces.append((lay, a - off, b - off, a - shard_start))
+            pieces.append(Piece(lay, a - off, b - off, a - shard_start))
     return pieces

@@ -27,6 +27,10 @@ def specs() -> dict[str, tuple[str, dict]]:
         # Qwen2.5-7B-like GQA ratio 7:1, qkv bias, head_dim 32
         "qwen2": ("Qwen2Config", dict(common, hidden_size=448, intermediate_size=256, num_hidden_layers=2,
                                       num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=False)),
+        # Mistral v0.3-style: Llama-shaped, no sliding window, explicit head_dim 32 != hidden / heads = 16
+        "mistral": ("MistralConfig", dict(common, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                          num_attention_heads=8, num_key_value_heads=2, head_dim=32,
+                                          sliding_window=None, rope_theta=1e6, tie_word_embeddings=False)),
         # Qwen3: q/k norm, head_dim 32 != hidden / heads = 16
         "qwen3": ("Qwen3Config", dict(common, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                                       num_attention_heads=8, num_key_value_heads=2, head_dim=32,

@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mgs_megatron.convert import ConversionError, hf_to_mcore_checkpoint, mcore_to_hf_checkpoint
+from mgs_megatron.convert import hf_to_mcore_checkpoint, mcore_to_hf_checkpoint
 from mgs_megatron.convert.io import SafetensorsDir
-from mgs_megatron.megatron.model import ConfigError
+from mgs_megatron.errors import ConfigError, ConversionError
 from tests.convert import models
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -102,10 +102,10 @@ def test_unknown_architecture_writes_nothing(hf_dirs, tmp_path):
 
 
 def test_failure_mid_write_leaves_nothing(hf_dirs, tmp_path, monkeypatch):
-    from mgs_megatron.convert import checkpoint
+    from mgs_megatron.convert import canonical
 
     calls = {"n": 0}
-    real = checkpoint.hf_to_mcore
+    real = canonical.hf_to_mcore
 
     def failing(tm, get, cfg):
         calls["n"] += 1
@@ -113,7 +113,7 @@ def test_failure_mid_write_leaves_nothing(hf_dirs, tmp_path, monkeypatch):
             raise RuntimeError("disk full")
         return real(tm, get, cfg)
 
-    monkeypatch.setattr(checkpoint, "hf_to_mcore", failing)
+    monkeypatch.setattr(canonical, "hf_to_mcore", failing)
     with pytest.raises(RuntimeError, match="disk full"):
         hf_to_mcore_checkpoint(hf_dirs["qwen2"], tmp_path / "out", progress=False, max_shard_bytes=100_000)
     assert os.listdir(tmp_path) == []

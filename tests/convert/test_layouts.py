@@ -17,10 +17,11 @@ SAVED_VARIANT = "qwen2"
 
 def _build(mcore_dir: str):
     from megatron.core import parallel_state as ps
-    from mgs_megatron.convert.checkpoint import model_config_from_dict, read_metadata
+
+    from mgs_megatron.convert import read_model_config
     from mgs_megatron.megatron.model import ParallelConfig, build_gpt_model
 
-    cfg = model_config_from_dict(read_metadata(mcore_dir)["model_config"])
+    cfg = read_model_config(mcore_dir)
     torch.manual_seed(123)  # a different init than the checkpoint: loading must overwrite everything
     par = ParallelConfig(ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())
     return cfg, [build_gpt_model(cfg, par)]
@@ -43,8 +44,10 @@ def _hf_state_dict(hf_dir: str) -> dict:
 
 def layout_worker(dirs: dict, save_to: str | None, load_saved: str | None) -> dict:
     import torch.distributed as dist
-    from mgs_megatron.convert import iter_hf_weights, load_checkpoint, save_checkpoint
-    from mgs_megatron.convert.forward import megatron_logits
+
+    from mgs_megatron.megatron.forward import megatron_logits
+    from mgs_megatron.megatron.stream import iter_hf_weights
+    from mgs_megatron.weights import load_weights, save_weights
 
     ids = models.input_ids()
     out = {}
@@ -52,7 +55,7 @@ def layout_worker(dirs: dict, save_to: str | None, load_saved: str | None) -> di
         ref_logits = torch.load(Path(hf_dir) / "ref_logits.pt")
         ref_sd = _hf_state_dict(hf_dir)
         cfg, chunks = _build(mcore_dir)
-        load_checkpoint(chunks, mcore_dir)
+        load_weights(chunks, mcore_dir)
         logits = megatron_logits(chunks, ids, cfg.vocab_size)
         res = {"logit_diff": None if logits is None else (logits - ref_logits).abs().max().item()}
         # streaming export, all ranks receive; small groups so several are produced
@@ -75,10 +78,10 @@ def layout_worker(dirs: dict, save_to: str | None, load_saved: str | None) -> di
         res["rank0_only_count"] = len(got)
         res["rank0_only_bit_exact"] = (dist.get_rank() != 0) or all(torch.equal(got[k], ref_sd[k]) for k in ref_sd)
         if save_to is not None and name == SAVED_VARIANT:
-            save_checkpoint(chunks, cfg, save_to, hf_side_dir=Path(mcore_dir) / "hf", progress=False)
+            save_weights(chunks, cfg, save_to, hf_side_dir=Path(mcore_dir) / "hf")
         if load_saved is not None and name == SAVED_VARIANT:
             _, chunks2 = _build(load_saved)
-            load_checkpoint(chunks2, load_saved)
+            load_weights(chunks2, load_saved)
             l2 = megatron_logits(chunks2, ids, cfg.vocab_size)
             res["saved_reload_diff"] = None if l2 is None else (l2 - ref_logits).abs().max().item()
         out[name] = res

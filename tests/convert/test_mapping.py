@@ -5,10 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mgs_megatron.convert import (ConversionError, convert_hf_state_dict, convert_mcore_state_dict, hf_module_blocks,
-                                  model_config_from_hf, tensor_maps)
-from mgs_megatron.convert.base import fuse_qkv, split_qkv
-from mgs_megatron.megatron.model import ConfigError, ParallelConfig, RopeScaling
+from mgs_megatron.errors import ConfigError, ConversionError
+from mgs_megatron.megatron.model import ParallelConfig
+from mgs_megatron.models import RopeScaling, model_config_from_hf, tensor_maps
+from mgs_megatron.models.mapping import (
+    convert_hf_state_dict,
+    convert_mcore_state_dict,
+    fuse_qkv,
+    hf_module_blocks,
+    split_qkv,
+)
 from tests.convert import models
 
 
@@ -41,7 +47,9 @@ def test_qwen_configs():
 
 
 @pytest.mark.parametrize("patch, field", [
-    ({"model_type": "mistral", "architectures": ["MistralForCausalLM"]}, "model_type='mistral'"),
+    ({"model_type": "gemma", "architectures": ["GemmaForCausalLM"]}, "model_type='gemma'"),
+    ({"model_type": "mistral", "architectures": ["Qwen2ForCausalLM"]},  # the two disagree: no silent guess
+     "model_type='mistral' is 'mistral' but architectures=['Qwen2ForCausalLM'] is 'qwen2'"),
     ({"head_dim": 64}, "head_dim=64"),
     ({"hidden_size": 450}, "hidden_size=450"),
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "rope_parameters.rope_type='yarn'"),
@@ -51,6 +59,15 @@ def test_qwen_configs():
 def test_config_errors_name_the_field(patch, field):
     with pytest.raises(ConfigError, match=field.replace("[", r"\[").replace(".", r"\.")):
         model_config_from_hf(dict(_hf_dict("qwen2"), **patch))
+
+
+def test_mistral_config():
+    m = model_config_from_hf(_hf_dict("mistral"))
+    assert (m.architecture, m.head_dim, m.qkv_bias, m.qk_norm, m.rope_theta) == ("mistral", 32, False, False, 1e6)
+    by_class = dict(_hf_dict("mistral"), model_type="custom", architectures=["MistralForCausalLM"])
+    assert model_config_from_hf(by_class) == m
+    with pytest.raises(ConfigError, match="sliding_window=4096 is not supported for mistral"):
+        model_config_from_hf(dict(_hf_dict("mistral"), sliding_window=4096))
 
 
 def test_tp_not_dividing_heads_names_field():
@@ -113,6 +130,8 @@ def test_hf_module_blocks():
         (0, 128, "model.layers.0.mlp.gate_proj.weight"), (128, 256, "model.layers.0.mlp.up_proj.weight")]
     assert hf_module_blocks("decoder.layers.0.self_attention.linear_qkv.layer_norm_weight", (448,), cfg, 2) == [
         (0, 448, "model.layers.0.input_layernorm.weight")]
+    assert hf_module_blocks("decoder.layers.0.mlp.linear_fc1.layer_norm_weight", (448,), cfg, 2) == [
+        (0, 448, "model.layers.0.post_attention_layernorm.weight")]  # TE name of the pre-MLP norm
     assert hf_module_blocks("decoder.layers.0.pre_mlp_layernorm.weight", (448,), cfg) == [
         (0, 448, "model.layers.0.post_attention_layernorm.weight")]
     assert hf_module_blocks("embedding.word_embeddings.weight", (51, 448), cfg, 2) == [

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from mgs_megatron.data import DataConfig, MultiDomainSampler, PromptSample
+from mgs_megatron.data import DataConfig, PromptSample, PromptSampler
 
 
 def _data(sizes):
@@ -22,8 +22,7 @@ def _uids(batch):
 @pytest.mark.parametrize("allocation", ["quota", "multinomial"])
 def test_proportions_within_sampling_error(allocation):
     n_steps, per_step = 400, 10
-    s = MultiDomainSampler(DataConfig(proportions=PROPS, prompts_per_step=per_step, seed=3,
-                                      allocation=allocation), DATA)
+    s = PromptSampler(DataConfig(proportions=PROPS, prompts_per_step=per_step, allocation=allocation), DATA, seed=3)
     counts = {d: 0 for d in PROPS}
     for _ in range(n_steps):
         batch = s.next_step()
@@ -39,15 +38,15 @@ def test_proportions_within_sampling_error(allocation):
 
 
 def test_quota_gives_every_domain_every_step():
-    s = MultiDomainSampler(DataConfig(proportions=PROPS, prompts_per_step=10), DATA)
+    s = PromptSampler(DataConfig(proportions=PROPS, prompts_per_step=10), DATA)
     for _ in range(20):
         assert [p.domain for p in s.next_step()] == ["math"] * 5 + ["if"] * 3 + ["chat"] * 2
 
 
 def test_without_replacement_within_epoch_and_seeded():
-    a = MultiDomainSampler(DataConfig(proportions={"chat": 1}, prompts_per_step=7, seed=1), DATA)
-    b = MultiDomainSampler(DataConfig(proportions={"chat": 1}, prompts_per_step=7, seed=1), DATA)
-    c = MultiDomainSampler(DataConfig(proportions={"chat": 1}, prompts_per_step=7, seed=2), DATA)
+    a = PromptSampler(DataConfig(proportions={"chat": 1}, prompts_per_step=7), DATA, seed=1)
+    b = PromptSampler(DataConfig(proportions={"chat": 1}, prompts_per_step=7), DATA, seed=1)
+    c = PromptSampler(DataConfig(proportions={"chat": 1}, prompts_per_step=7), DATA, seed=2)
     first = _uids(a.next_step())
     assert sorted(first) == sorted(p.uid for p in DATA["chat"])
     assert first == _uids(b.next_step()) and first != _uids(c.next_step())
@@ -55,31 +54,31 @@ def test_without_replacement_within_epoch_and_seeded():
 
 @pytest.mark.parametrize("allocation", ["quota", "multinomial"])
 def test_resume_yields_identical_next_prompts(allocation):
-    cfg = DataConfig(proportions=PROPS, prompts_per_step=9, seed=7, allocation=allocation)
-    s = MultiDomainSampler(cfg, DATA)
+    cfg = DataConfig(proportions=PROPS, prompts_per_step=9, allocation=allocation)
+    s = PromptSampler(cfg, DATA, seed=7)
     for _ in range(13):  # crosses epoch boundaries of the small chat domain
         s.next_step()
     state = copy.deepcopy(s.state_dict())
     expected = [_uids(s.next_step()) for _ in range(10)]
-    r = MultiDomainSampler(cfg, DATA)
+    r = PromptSampler(cfg, DATA, seed=7)
     r.load_state_dict(state)
     assert [_uids(r.next_step()) for _ in range(10)] == expected
     with pytest.raises(ValueError):
-        MultiDomainSampler(DataConfig(proportions=PROPS, seed=8), DATA).load_state_dict(state)
+        PromptSampler(DataConfig(proportions=PROPS), DATA, seed=8).load_state_dict(state)
 
 
 def test_sequential_schedule():
-    cfg = DataConfig(schedule="sequential", prompts_per_step=4, stages=[("math", 2), ("if", 3), ("chat", 1)])
-    s = MultiDomainSampler(cfg, DATA)
+    cfg = DataConfig(prompts_per_step=4, stages=[("math", 2), ("if", 3), ("chat", 1)])
+    s = PromptSampler(cfg, DATA, schedule="sequential")
     doms = [{p.domain for p in s.next_step()} for _ in range(8)]
     assert doms == [{"math"}] * 2 + [{"if"}] * 3 + [{"chat"}] * 3  # last stage continues
-    s2 = MultiDomainSampler(DataConfig(schedule="sequential", proportions=PROPS, steps_per_stage=1,
-                                       prompts_per_step=2), DATA)
+    s2 = PromptSampler(DataConfig(proportions=PROPS, steps_per_stage=1, prompts_per_step=2), DATA,
+                       schedule="sequential")
     assert [s2.next_step()[0].domain for _ in range(3)] == ["math", "if", "chat"]
 
 
 def test_bad_config():
     with pytest.raises(ValueError, match="no prompts"):
-        MultiDomainSampler(DataConfig(proportions={"code": 1.0}), DATA)
+        PromptSampler(DataConfig(proportions={"code": 1.0}), DATA)
     with pytest.raises(ValueError):
-        MultiDomainSampler(DataConfig(schedule="random"), DATA)
+        PromptSampler(DataConfig(), DATA, schedule="random")

@@ -1,6 +1,6 @@
 import json
 
-from mgs_megatron.data import DataConfig, MultiDomainSampler, load_source
+from mgs_megatron.data import DataConfig, PromptSampler, load_source
 from mgs_megatron.data.toy import write_toy_data
 from mgs_megatron.rewards.ifeval import follow_flags
 from mgs_megatron.rewards.math_reward import math_score
@@ -15,7 +15,7 @@ def test_toy_data_is_valid_and_scorable(tmp_path):
         assert math_score(r.fields["answer"], f"\\boxed{{{r.fields['answer']}}}") == 1.0
     for r in load_source(str(paths["if"])):  # every kwarg explicit: checkers build without randomising
         follow_flags(r.fields["instruction_id_list"], r.fields["kwargs"], r.prompt, "some text")
-    s = MultiDomainSampler(DataConfig(sources=[str(p) for p in paths.values()], prompts_per_step=6))
+    s = PromptSampler(DataConfig(sources=[str(p) for p in paths.values()], prompts_per_step=6))
     assert {p.domain for p in s.next_step()} == {"math", "if", "chat"}
 
 

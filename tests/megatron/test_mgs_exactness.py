@@ -107,10 +107,11 @@ def _setup(hf_sd, dist_opt: bool, overlap: bool = False, per_token: bool = True,
     from megatron.core.distributed import DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig
 
-    from mgs_megatron.convert import convert_hf_state_dict, model_config_from_hf
     from mgs_megatron.megatron.model import ParallelConfig, PrecisionConfig, build_gpt_model
     from mgs_megatron.megatron.optim import build_optimizer, wrap_ddp
     from mgs_megatron.megatron.state import load_full_state_dict
+    from mgs_megatron.models import model_config_from_hf
+    from mgs_megatron.models.mapping import convert_hf_state_dict
 
     cfg = model_config_from_hf(hf_config(num_layers))
     vpp = ps.get_virtual_pipeline_model_parallel_world_size()
@@ -150,8 +151,8 @@ def _run_domain(chunks, batches):
 
 
 def _hf_params(chunks, cfg):
-    from mgs_megatron.convert import convert_mcore_state_dict
     from mgs_megatron.megatron.state import gather_full_state_dict
+    from mgs_megatron.models.mapping import convert_mcore_state_dict
 
     return convert_mcore_state_dict(gather_full_state_dict(chunks), cfg)
 
@@ -163,7 +164,7 @@ def _mgs_train(hf_sd, runs, overlap=False, params_dtype=torch.float32, num_layer
     for rule, granularity, dist_opt in runs:
         cfg, chunks, optimizer = _setup(hf_sd, dist_opt, overlap, params_dtype=params_dtype, num_layers=num_layers)
         mgs = ModularGradientSurgery(chunks, optimizer, MGSConfig(rule=rule, granularity=granularity, seed=SEED,
-                                                                  domains=DOMAINS, kernel=kernel), model_config=cfg)
+                                                                  kernel=kernel), DOMAINS, model_config=cfg)
         conflicts = 0.0
         for step in range(STEPS):
             for d in DOMAINS:
@@ -207,9 +208,9 @@ def test_mgs_matches_single_process_pcgrad(references, layout):
 
 
 def _mgs_train_compiled(hf_sd, runs):
-    import mgs_megatron.surgery.fused as fused
+    import mgs_megatron.surgery.compiled as compiled
 
-    return _mgs_train(hf_sd, runs, kernel="compiled"), sorted(fused._compiled)
+    return _mgs_train(hf_sd, runs, kernel="compiled"), sorted(compiled._compiled)
 
 
 def test_mgs_compiled_kernels_match_single_process_pcgrad(references):

@@ -4,7 +4,9 @@ import dataclasses
 
 import pytest
 
-from mgs_megatron.megatron.model import ConfigError, ModelConfig, ParallelConfig
+from mgs_megatron.errors import ConfigError
+from mgs_megatron.megatron.model import ParallelConfig
+from mgs_megatron.models import ModelConfig
 from mgs_megatron.testing.tiny import TINY_QWEN2
 
 

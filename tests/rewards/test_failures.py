@@ -4,8 +4,14 @@ import time
 
 import pytest
 
-from mgs_megatron.rewards import (DomainRewardSpec, RewardConfig, RewardInput, RewardManager, build_reward,
-                                  import_by_path)
+from mgs_megatron.rewards import (
+    DomainRewardSpec,
+    RewardConfig,
+    RewardInput,
+    RewardManager,
+    build_reward,
+    import_by_path,
+)
 from mgs_megatron.rewards.worker import ProcessPoolRunner
 
 

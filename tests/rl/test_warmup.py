@@ -1,15 +1,15 @@
-"""The warm-up demonstrations (mgs_megatron/rl/warmup.py) are well-formed: math demos are right except the noise
-fraction, IF demos follow their instructions, chat demos are chat_pair responses; deterministic in the seed.
-Pure Python (no Megatron)."""
+"""The warm-up demonstrations (mgs_megatron/data/toy.py, used by mgs_megatron/rl/warmup.py) are well-formed: math
+demos are right except the noise fraction, IF demos follow their instructions, chat demos are chat_pair responses;
+deterministic in the seed. Pure Python (no Megatron)."""
 
 import random
 
 import pytest
 
-from mgs_megatron.data.toy import chat_pair, make_chat_rows, make_if_rows, make_math_rows
+from mgs_megatron.data.toy import build_demonstrations, chat_pair, make_chat_rows, make_if_rows, make_math_rows
 from mgs_megatron.rewards.ifeval import follow_flags
 from mgs_megatron.rewards.math_reward import math_score
-from mgs_megatron.rl.warmup import build_demonstrations, cache_dir, encode_demo
+from mgs_megatron.rl.warmup import cache_dir, encode_demo
 
 NOISE = 0.25
 

@@ -14,7 +14,7 @@ from tests.rollout.workers import sync_check_worker
 CASES = [(Layout(tp=2), "qwen2"), (Layout(pp=2), "llama_untied"), (Layout(dp=2), "qwen3")]
 
 
-@pytest.mark.parametrize("layout,arch", CASES, ids=[f"{l}-{a}" for l, a in CASES])
+@pytest.mark.parametrize("layout,arch", CASES, ids=[f"{lay}-{a}" for lay, a in CASES])
 def test_sync_layout(tmp_path, layout, arch):
     engine_dir, mcore_dir = models.prepare(arch, tmp_path)
     per_rank = run_distributed(sync_check_worker, layout, engine_dir, mcore_dir, timeout=400)

@@ -11,14 +11,14 @@ def build_megatron(mcore_dir: str, *, train: bool = False):
     """(ModelConfig, raw chunks, ddp chunks or None, optimizer or None) loaded from a converted checkpoint."""
     from megatron.core import parallel_state as ps
 
-    from mgs_megatron.convert import load_checkpoint
-    from mgs_megatron.convert.checkpoint import model_config_from_dict, read_metadata
+    from mgs_megatron.convert import read_model_config
     from mgs_megatron.megatron.model import ParallelConfig, build_gpt_model
+    from mgs_megatron.weights import load_weights
 
-    cfg = model_config_from_dict(read_metadata(mcore_dir)["model_config"])
+    cfg = read_model_config(mcore_dir)
     par = ParallelConfig(ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())
     chunks = [build_gpt_model(cfg, par)]
-    load_checkpoint(chunks, mcore_dir)
+    load_weights(chunks, mcore_dir)
     if not train:
         return cfg, chunks, None, None
     from megatron.core.distributed import DistributedDataParallelConfig
@@ -68,14 +68,21 @@ def sync_check_worker(engine_dir: str, mcore_dir: str, extended: bool = False) -
 
     import torch.distributed as dist
 
-    from mgs_megatron.rollout import (EngineInvalidError, PromptTooLongError, RolloutConfig, RolloutEngine,
-                                      RolloutError, generate_distributed, sync_weights)
+    from mgs_megatron.rollout import (
+        EngineInvalidError,
+        PromptTooLongError,
+        RolloutConfig,
+        RolloutEngine,
+        RolloutError,
+        generate_distributed,
+        sync_weights,
+    )
 
     cfg, chunks, ddp, opt = build_megatron(mcore_dir, train=True)
-    rcfg = RolloutConfig(max_prompt_len=64, max_response_len=10, n=2, seed=5, kv_cache_bytes=32 << 20,
+    rcfg = RolloutConfig(max_prompt_len=64, max_response_len=10, n=2, kv_cache_bytes=32 << 20, overlong="error",
                          sync_bucket_bytes=256 << 10)
     out = {"rank": dist.get_rank()}
-    engine = RolloutEngine(engine_dir, rcfg)
+    engine = RolloutEngine(engine_dir, rcfg, seed=5)
     try:
         gen = lambda step: generate_distributed(engine, models.PROMPTS, step=step)  # noqa: E731
         r0 = gen(0)

@@ -1,9 +1,16 @@
 import pytest
 import torch
-
-from mgs_megatron.surgery import (GRANULARITIES, build_segments, combine, get_rule, gram, local_module_names,
-                                  pieces_for_shard)
 from surgery_ref import element_modules, llama_layouts, order_for, pcgrad_reference
+
+from mgs_megatron.surgery import (
+    GRANULARITIES,
+    build_segments,
+    combine,
+    get_rule,
+    gram,
+    local_module_names,
+    pieces_for_shard,
+)
 
 
 def _cuts(n, parts, gen):
@@ -179,7 +186,7 @@ def test_uncovered_elements_get_plain_sum_and_out_may_alias_a_grad():
 
 
 def test_chunk_boundaries_small_scratch(monkeypatch):
-    import mgs_megatron.surgery.kernels as kern
+    import mgs_megatron.surgery.passes as kern
     monkeypatch.setattr(kern, "_SCRATCH", 997)  # odd sizes: chunks end mid-row and mid-bmm-block
     monkeypatch.setattr(kern, "_BMM_CHUNK", 64)
     monkeypatch.setattr(kern, "_COMBINE_CHUNK", 100)

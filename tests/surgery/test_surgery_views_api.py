@@ -2,11 +2,25 @@ import math
 
 import pytest
 import torch
-
-from mgs_megatron.surgery import (MGS, ParamLayout, SurgeryConfig, apply_mgs, build_segments, combine,
-                                  fused_gate_up_blocks, fused_qkv_blocks, get_rule, gram, module_key,
-                                  pieces_for_shard, surgery_stats, surgery_tensors, weights_from_gram)
 from surgery_ref import order_for, pcgrad_reference
+
+from mgs_megatron.surgery import (
+    MGS,
+    ParamLayout,
+    SurgeryConfig,
+    apply_mgs,
+    build_segments,
+    combine,
+    fused_gate_up_blocks,
+    fused_qkv_blocks,
+    get_rule,
+    gram,
+    module_key,
+    pieces_for_shard,
+    surgery_stats,
+    surgery_tensors,
+    weights_from_gram,
+)
 
 H, NH, NG, HD, F, K = 8, 8, 4, 2, 12, 3
 HPG = NH // NG

@@ -1,4 +1,4 @@
-"""`--check`: HF logits (this process) vs Megatron logits of the converted checkpoint (TP x PP spawned gloo ranks).
+"""`--check`: HF logits (this process) vs Megatron logits of a converted checkpoint (TP x PP spawned ranks).
 
 HF runs in the calling process: it is the independent reference, so it shares nothing with the ranks (no CPU
 backend, no process group).
@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from mgs_megatron.convert.mapping import ConversionError
+from mgs_megatron.convert.canonical import read_model_config
+from mgs_megatron.errors import ConversionError
 
 
 def prompts(vocab_size: int, n: int = 3, seq: int = 16, seed: int = 0) -> torch.Tensor:
@@ -21,14 +22,14 @@ def prompts(vocab_size: int, n: int = 3, seq: int = 16, seed: int = 0) -> torch.
 def _rank_logits(mcore_dir: str, ids: list) -> list | None:
     from megatron.core import parallel_state as ps
 
-    from mgs_megatron.convert.checkpoint import load_checkpoint, model_config_from_dict, read_metadata
-    from mgs_megatron.convert.forward import megatron_logits
+    from mgs_megatron.megatron.forward import megatron_logits
     from mgs_megatron.megatron.model import ParallelConfig, build_gpt_model
+    from mgs_megatron.weights.live import load_weights
 
-    cfg = model_config_from_dict(read_metadata(mcore_dir)["model_config"])
+    cfg = read_model_config(mcore_dir)
     par = ParallelConfig(ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())
     chunks = [build_gpt_model(cfg, par)]
-    load_checkpoint(chunks, mcore_dir)
+    load_weights(chunks, mcore_dir)
     out = megatron_logits(chunks, torch.tensor(ids), cfg.vocab_size)
     return None if out is None else out.tolist()
 
@@ -37,10 +38,9 @@ def check_logits(hf_dir, mcore_dir, *, tp: int = 1, pp: int = 1, tol: float = 1e
     """Max |HF - Megatron| logit difference (fp32) over a few prompts; raises ConversionError above `tol`."""
     import transformers
 
-    from mgs_megatron.convert.checkpoint import model_config_from_dict, read_metadata
-    from mgs_megatron.testing.harness import Layout, run_distributed
+    from mgs_megatron.megatron.launch import Layout, run_distributed
 
-    cfg = model_config_from_dict(read_metadata(mcore_dir)["model_config"])
+    cfg = read_model_config(mcore_dir)
     ids = prompts(cfg.vocab_size)
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
     with torch.no_grad():

@@ -6,7 +6,7 @@ Inductor emits one loop that reads each element once and keeps every pair's accu
 upcasts half-precision gradients in registers, so bf16 stashes are read as bf16 (no scratch copy).
 
 The functions below are plain torch: if compilation is unavailable they still run eagerly (slower, with
-temporaries), and `kernels.py` falls back to its own eager path after warning once.
+temporaries), and `passes.py` falls back to its own eager path after warning once.
 """
 from __future__ import annotations
 

@@ -16,10 +16,11 @@ from typing import Iterator, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from mgs_megatron.megatron.model import ModelConfig
+from mgs_megatron.errors import ConversionError
 from mgs_megatron.megatron.state import full_from_shards, named_global_parameters
-from mgs_megatron.convert.base import TensorMap, local_name, tensor_maps
-from mgs_megatron.convert.mapping import ConversionError, mcore_to_hf
+from mgs_megatron.models import ModelConfig, TensorMap, hf_shapes, tensor_maps
+from mgs_megatron.models.mapping import mcore_to_hf
+from mgs_megatron.models.tensor_map import local_name
 
 _DTYPES = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64)}
 
@@ -139,8 +140,6 @@ def iter_hf_weights(chunks: Sequence[torch.nn.Module], cfg: ModelConfig, *, max_
 
 def _nbytes_of(tm: TensorMap, cfg: ModelConfig, dtype: Optional[torch.dtype]) -> int:
     """Bytes of a TensorMap's HF tensors, computable on every rank (so group boundaries agree)."""
-    from mgs_megatron.convert.mapping import hf_shapes
-
     shapes = hf_shapes(cfg)
     elem = torch.empty((), dtype=dtype or torch.float32).element_size()
     return sum(int(torch.Size(shapes[n]).numel()) for n in tm.hf) * elem

@@ -4,7 +4,7 @@
 1-D tensors of length N (read through a small bounded scratch buffer). Half-precision gradients are upcast chunk
 by chunk into that scratch buffer so that Gram and combine accumulate in fp32 (or fp64) without a K x N copy.
 
-Long runs of a [K, N] tensor go through the one-pass compiled kernels of `fused.py` (kernel="auto" or
+Long runs of a [K, N] tensor go through the one-pass compiled kernels of `compiled.py` (kernel="auto" or
 "compiled"); everything else, and everything under kernel="eager", through the batched-matmul path here.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from . import fused
+from . import compiled
 from .segments import Segments
 
 Grads = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -90,11 +90,11 @@ def _load(scratch: torch.Tensor, stacked, rows, a: int, b: int) -> torch.Tensor:
     return buf
 
 
-def _fused_gram(x: torch.Tensor, acc: torch.Tensor, kernel: str) -> bool:
+def _compiled_gram(x: torch.Tensor, acc: torch.Tensor, kernel: str) -> bool:
     """acc += x @ x.T for x [K, r * BLOCK] through the compiled kernel; False if it is unavailable."""
     K, n = x.shape
-    y = x.unflatten(1, (n // fused.BLOCK, fused.BLOCK)).transpose(0, 1)
-    sums = fused.call("pair_sums", kernel, y, acc.dtype)
+    y = x.unflatten(1, (n // compiled.BLOCK, compiled.BLOCK)).transpose(0, 1)
+    sums = compiled.call("pair_sums", kernel, y, acc.dtype)
     if sums is NotImplemented:
         return False
     i, j = torch.triu_indices(K, K, device=acc.device)
@@ -110,7 +110,7 @@ def gram(segments: Segments, grads: Grads, *, dtype: torch.dtype = torch.float32
 
     Partial Grams add: the Gram of a module split over shards (DP, TP) or over several flat buffers is the sum
     of the shards' Grams. With `out` the result is accumulated into it (same [M, K, K] shape and dtype).
-    `kernel`: "auto" | "eager" | "compiled" (see fused.py).
+    `kernel`: "auto" | "eager" | "compiled" (see compiled.py).
     """
     stacked, rows = _rows(grads)
     K, N = len(rows), (rows[0].numel() if rows else 0)
@@ -125,9 +125,9 @@ def gram(segments: Segments, grads: Grads, *, dtype: torch.dtype = torch.float32
     _check_runs(segments, N)
     scratch = None
     for s, e, m in segments.runs:
-        if stacked is not None and fused.use_compiled(kernel, e - s, device):
-            n = (e - s) // fused.BLOCK * fused.BLOCK
-            if _fused_gram(stacked[:, s:s + n], out[m], kernel):
+        if stacked is not None and compiled.use_compiled(kernel, e - s, device):
+            n = (e - s) // compiled.BLOCK * compiled.BLOCK
+            if _compiled_gram(stacked[:, s:s + n], out[m], kernel):
                 s += n  # the tail (< BLOCK) goes the eager way
         if s == e:
             continue
@@ -166,7 +166,7 @@ def combine(segments: Segments, grads: Grads, W: torch.Tensor, out: torch.Tensor
 
     Elements of `out` not covered by any run get the plain sum (weight 1 per domain), so `out` is always fully
     written. `out` may be one of the grads' rows (the scratch path is used then). Accumulates in fp32 for
-    half-precision outputs. `kernel`: "auto" | "eager" | "compiled" (see fused.py). Returns `out`.
+    half-precision outputs. `kernel`: "auto" | "eager" | "compiled" (see compiled.py). Returns `out`.
     """
     stacked, rows = _rows(grads)
     K, M = len(rows), segments.num_modules
@@ -188,8 +188,8 @@ def combine(segments: Segments, grads: Grads, W: torch.Tensor, out: torch.Tensor
     scratch = vec = None
     for s, e, m in _with_gaps(segments, N):
         w = ws[m] if m >= 0 else ones
-        if stacked is not None and not alias and fused.use_compiled(kernel, e - s, out.device):
-            if fused.call("weighted_sum_", kernel, stacked[:, s:e], w, out[s:e]) is not NotImplemented:
+        if stacked is not None and not alias and compiled.use_compiled(kernel, e - s, out.device):
+            if compiled.call("weighted_sum_", kernel, stacked[:, s:e], w, out[s:e]) is not NotImplemented:
                 continue
         if direct:
             _combine_block(stacked[:, s:e], w, out[s:e])

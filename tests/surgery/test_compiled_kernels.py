@@ -1,11 +1,18 @@
 """The compiled (torch.compile) Gram and combine kernels against independent plain-torch references."""
 import pytest
 import torch
-
-import mgs_megatron.surgery.fused as fused
-from mgs_megatron.surgery import (SurgeryConfig, build_segments, combine, get_rule, gram, local_module_names,
-                                  pieces_for_shard)
 from surgery_ref import element_modules, llama_layouts, order_for, pcgrad_reference
+
+import mgs_megatron.surgery.compiled as compiled
+from mgs_megatron.surgery import (
+    SurgeryConfig,
+    build_segments,
+    combine,
+    get_rule,
+    gram,
+    local_module_names,
+    pieces_for_shard,
+)
 
 # runs of 8K-64K elements: long enough for the compiled kernels under kernel="compiled", with tails
 LAYOUTS = dict(layers=2, hidden=128, heads=4, groups=2, head_dim=32, ffn=200, vocab=301)
@@ -26,7 +33,7 @@ def test_compiled_pcgrad_matches_per_tensor_reference_fp32(K):
     names = sorted(set().union(*[local_module_names(p, "parameter") for p in shards]))
     segs = [build_segments(p, "parameter", module_names=names) for p in shards]
     G = sum(gram(s, grads[:, a:b], kernel="compiled") for s, a, b in zip(segs, cuts[:-1], cuts[1:]))
-    assert "pair_sums" in fused._compiled
+    assert "pair_sums" in compiled._compiled
     W = get_rule("pcgrad", seed=2).weights(G, segs[0].module_keys, 5)
     out = torch.empty(n)
     for s, a, b in zip(segs, cuts[:-1], cuts[1:]):
@@ -64,24 +71,25 @@ def test_compiled_bf16_gram_is_fp32_accurate_and_combine_rounds_once():
 
 def test_auto_uses_compiled_only_for_long_runs_and_falls_back_on_failure(monkeypatch):
     cpu = torch.device("cpu")
-    monkeypatch.setattr(fused, "_unavailable", {})
-    assert not fused.use_compiled("auto", fused.AUTO_MIN_ELEMENTS - 1, cpu)
-    assert fused.use_compiled("auto", fused.AUTO_MIN_ELEMENTS, cpu)
-    assert not fused.use_compiled("eager", 1 << 30, cpu)
-    assert fused.use_compiled("compiled", 2 * fused.BLOCK, cpu) and not fused.use_compiled("compiled", 100, cpu)
+    monkeypatch.setattr(compiled, "_unavailable", {})
+    assert not compiled.use_compiled("auto", compiled.AUTO_MIN_ELEMENTS - 1, cpu)
+    assert compiled.use_compiled("auto", compiled.AUTO_MIN_ELEMENTS, cpu)
+    assert not compiled.use_compiled("eager", 1 << 30, cpu)
+    assert compiled.use_compiled("compiled", 2 * compiled.BLOCK, cpu)
+    assert not compiled.use_compiled("compiled", 100, cpu)
 
     def broken(name):
         raise RuntimeError("no C++ compiler here")
 
-    monkeypatch.setattr(fused, "_get", broken)
-    monkeypatch.setattr(fused, "AUTO_MIN_ELEMENTS", 2 * fused.BLOCK)
+    monkeypatch.setattr(compiled, "_get", broken)
+    monkeypatch.setattr(compiled, "AUTO_MIN_ELEMENTS", 2 * compiled.BLOCK)
     layouts = llama_layouts(**LAYOUTS)
     n = sum(lay.numel for lay in layouts)
     grads = torch.randn(3, n, dtype=torch.float64)
     seg = build_segments(pieces_for_shard(layouts, 0, n), "layer")
     with pytest.warns(RuntimeWarning, match="torch.compile of pair_sums failed on cpu"):
         G = gram(seg, grads, dtype=torch.float64, kernel="auto")
-    assert "cpu" in fused._unavailable and not fused.use_compiled("auto", 1 << 30, cpu)
+    assert "cpu" in compiled._unavailable and not compiled.use_compiled("auto", 1 << 30, cpu)
     for name, idx in element_modules(layouts, "layer").items():
         x = grads[:, idx]
         torch.testing.assert_close(G[seg.module_names.index(name)], x @ x.T)

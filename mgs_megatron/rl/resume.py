@@ -1,4 +1,5 @@
-"""Trainer checkpoints: atomic (temp dir + rename), resumable as if never stopped.
+"""Resume state: the trainer's checkpoints (atomic: temp dir + rename), resumable as if never stopped, and the
+preemption request (SIGTERM) that makes every rank checkpoint and stop.
 
 <output_dir>/checkpoints/step_<N>/
     rank_<r>.pt     this rank's model shards (local state dict), optimizer internals (Adam moments, fp32 main
@@ -6,8 +7,8 @@
     trainer.json    step, sampler position, config (rank 0)
 <output_dir>/checkpoints/latest   the name of the newest complete checkpoint (written last, atomically)
 
-Resume needs the same world size and layout (the shards are per rank); convert a run to another layout through
-the final HF export or convert.save_checkpoint.
+Resume needs the same world size and layout (the shards are per rank); move a run to another layout through the
+model weights (mgs_megatron.weights.save_weights / the final HF export).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Optional
@@ -121,3 +123,49 @@ def wait_for(path: Path, timeout: float = 60.0) -> None:
     t0 = time.time()
     while not path.exists() and time.time() - t0 < timeout:
         time.sleep(0.1)
+
+
+class Checkpointer:
+    """The run's checkpoints: when to write one (every `every` steps, when stopping, and at the end), writing it,
+    and finding the newest to resume from.
+
+    Args:
+        root: <output_dir>/checkpoints.
+        every: save every N steps (0: only when stopping and at the end).
+        keep: checkpoints kept.
+    """
+
+    def __init__(self, root: Path, *, every: int, keep: int):
+        self.root, self.every, self.keep = Path(root), every, keep
+        self.last_saved: Optional[int] = None
+
+    def due(self, step: int, stopping: bool = False) -> bool:
+        return stopping or bool(self.every and step % self.every == 0)
+
+    def save(self, step: int, chunks, optimizer, trainer_state: dict, extra_rank_state: dict) -> Path:
+        path = save(self.root, step, chunks, optimizer, trainer_state, extra_rank_state, keep=self.keep)
+        self.last_saved = step
+        return path
+
+    def latest(self) -> Optional[Path]:
+        return latest(self.root)
+
+
+class Preemption:
+    """SIGTERM (SLURM preemption, kill) sets a flag; `requested()` agrees on it over all ranks (a collective), so
+    that every rank finishes the same step, checkpoints and exits together."""
+
+    def __init__(self):
+        self._flag = False
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self._flag = True
+
+    def requested(self) -> bool:
+        flag = torch.tensor([1.0 if self._flag else 0.0])
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)

@@ -1,8 +1,8 @@
 """Pluggable rollout backends: `generate(prompts, n, step, temperature) -> list[Rollout]` and `sync_weights()`.
 
   vllm      mgs_megatron.rollout.RolloutEngine (one engine per rank, SPMD) + in-place weight sync after each step.
-  megatron  fallback without vLLM: token-by-token sampling with the live Megatron model (full re-forward per token,
-            no KV cache) -- fine for tiny models on CPU, and handy for tests.
+  megatron  fallback without vLLM: token-by-token generation with the live Megatron model (full re-forward per
+            token, no KV cache) -- fine for tiny models on CPU, and handy for tests.
 
 Both return every rank the SAME global list of rollouts, ordered by (prompt, sample): generation is split over
 ranks and the results are all-gathered (Python objects; fine at RL batch sizes).
@@ -10,12 +10,13 @@ ranks and the results are all-gathered (Python objects; fine at RL batch sizes).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
-from mgs_megatron.rollout.config import Rollout
+from mgs_megatron.rollout.config import Rollout, RolloutConfig
 from mgs_megatron.rollout.distribute import split_range
 
 
@@ -42,18 +43,16 @@ class RolloutBackend:
         pass
 
 
-class MegatronSampler(RolloutBackend):
-    """Sampling with the Megatron model itself. Each DP rank generates a contiguous share of the prompts (its TP/PP
+class MegatronBackend(RolloutBackend):
+    """Generation with the Megatron model itself. Each DP rank generates a contiguous share of the prompts (its TP/PP
     peers run the same forwards); seeds depend on (seed, step, prompt index) only, so results do not depend on the
     layout or on a resume. Its rollouts carry no logprobs (the trainer recomputes them)."""
 
     reports_logprobs = False
 
-    def __init__(self, chunks, tokenizer, vocab_size: int, *, max_prompt_len: int, max_response_len: int,
-                 temperature: float, top_p: float, seed: int, batch_size: int = 64):
-        self.chunks, self.tok, self.vocab_size = chunks, tokenizer, vocab_size
-        self.max_prompt_len, self.max_response_len = max_prompt_len, max_response_len
-        self.temperature, self.top_p, self.seed, self.batch_size = temperature, top_p, seed, batch_size
+    def __init__(self, cfg: RolloutConfig, chunks, tokenizer, vocab_size: int, *, seed: int, batch_size: int = 64):
+        self.cfg, self.chunks, self.tok, self.vocab_size = cfg, chunks, tokenizer, vocab_size
+        self.seed, self.batch_size = seed, batch_size
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
@@ -62,11 +61,11 @@ class MegatronSampler(RolloutBackend):
             prompt = [{"role": "user", "content": prompt}]
         text = self.tok.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False)
         ids = list(self.tok(text, add_special_tokens=False)["input_ids"])
-        return ids[-self.max_prompt_len:]
+        return ids[-self.cfg.max_prompt_len:]
 
     @torch.no_grad()
     def _sample(self, prompt_ids: list[list[int]], seeds: list[int], temperature: float) -> list[list[int]]:
-        from mgs_megatron.convert.forward import megatron_logits
+        from mgs_megatron.megatron.forward import megatron_logits
 
         gens = [torch.Generator().manual_seed(s) for s in seeds]
         seqs = [list(p) for p in prompt_ids]
@@ -74,7 +73,7 @@ class MegatronSampler(RolloutBackend):
         done = [False] * len(seqs)
         modes = [m.training for m in self.chunks]
         try:
-            for _ in range(self.max_response_len):
+            for _ in range(self.cfg.max_response_len):
                 width = max(len(s) for s in seqs)
                 ids = torch.full((len(seqs), width), self.pad, dtype=torch.long)
                 for i, s in enumerate(seqs):
@@ -89,9 +88,9 @@ class MegatronSampler(RolloutBackend):
                         t = int(z.argmax())
                     else:
                         p = torch.softmax(z / temperature, -1)
-                        if self.top_p < 1:
+                        if self.cfg.top_p < 1:
                             sp, si = p.sort(descending=True)
-                            cut = sp.cumsum(0) - sp > self.top_p
+                            cut = sp.cumsum(0) - sp > self.cfg.top_p
                             sp[cut] = 0
                             p = torch.zeros_like(p).scatter_(0, si, sp)
                         t = int(torch.multinomial(p, 1, generator=gens[i]))
@@ -128,7 +127,7 @@ class MegatronSampler(RolloutBackend):
 
         from mgs_megatron.rollout.engine import request_seed
 
-        temperature = self.temperature if temperature is None else temperature
+        temperature = self.cfg.temperature if temperature is None else temperature
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         lo, hi = split_range(len(prompts), dp, dp_rank)
         jobs = [(g, k) for g in range(lo, hi) for k in range(n)]
@@ -147,18 +146,14 @@ class MegatronSampler(RolloutBackend):
 
 
 class VLLMBackend(RolloutBackend):
-    """vLLM engine per rank (mgs_megatron.rollout); the engine starts from an HF export of the current weights."""
+    """A vLLM engine per rank (rollout/engine.py), started from an HF export of the current weights and kept in sync
+    in place after every optimizer step (rollout/sync.py)."""
 
-    def __init__(self, hf_dir: str, tokenizer_dir: str, chunks, model_cfg, *, max_prompt_len: int,
-                 max_response_len: int, temperature: float, top_p: float, seed: int, kv_cache_bytes: int,
-                 dtype: str, rollout_tp: int, device: str):
-        from mgs_megatron.rollout import RolloutConfig, RolloutEngine
+    def __init__(self, cfg: RolloutConfig, hf_dir: str, chunks, model_cfg, *, seed: int, device: str):
+        from mgs_megatron.rollout.engine import RolloutEngine
 
-        self.cfg = RolloutConfig(max_prompt_len=max_prompt_len, max_response_len=max_response_len, n=1,
-                                 temperature=temperature, top_p=top_p, seed=seed, kv_cache_bytes=kv_cache_bytes,
-                                 dtype=dtype, rollout_tp=rollout_tp, overlong="truncate")
-        self.engine = RolloutEngine(hf_dir, self.cfg, device=device, tokenizer=tokenizer_dir)
-        self.chunks, self.model_cfg = chunks, model_cfg
+        self.cfg, self.chunks, self.model_cfg = cfg, chunks, model_cfg
+        self.engine = RolloutEngine(hf_dir, cfg, seed=seed, device=device, tokenizer=hf_dir)
 
     def generate(self, prompts, n, *, step, temperature=None):
         world = dist.get_world_size() if dist.is_initialized() else 1
@@ -173,9 +168,22 @@ class VLLMBackend(RolloutBackend):
         return _gather(mine, keep_first_of=tp)
 
     def sync_weights(self) -> dict:
-        from mgs_megatron.rollout import sync_weights
+        from mgs_megatron.rollout.sync import sync_weights
 
         return sync_weights(self.engine, self.chunks, self.model_cfg).as_metrics()
 
     def close(self) -> None:
         self.engine.close()
+
+
+def build_backend(cfg: RolloutConfig, *, chunks, model_cfg, tokenizer, seed: int, device: str, workdir: Path,
+                  hf_config: dict, hf_side_dir: Optional[str]) -> RolloutBackend:
+    """The configured backend; vLLM starts from an HF export of the live weights in `workdir`/rollout_init (which
+    also carries the tokenizer files)."""
+    if cfg.backend == "megatron":
+        return MegatronBackend(cfg, chunks, tokenizer, model_cfg.vocab_size, seed=seed)
+    from mgs_megatron.weights import export_hf
+
+    hf_dir = Path(workdir) / "rollout_init"
+    export_hf(chunks, model_cfg, hf_dir, hf_config=hf_config, overwrite=True, hf_side_dir=hf_side_dir)
+    return VLLMBackend(cfg, str(hf_dir), chunks, model_cfg, seed=seed, device=device)
