@@ -1,13 +1,14 @@
-"""Gram-form MGS surgery vs the reference per-tensor PCGrad loop vs the memory-traffic floor (CPU).
+"""Gram-form MGS surgery vs the reference per-tensor PCGrad loop vs the memory-traffic floor (CPU or one GPU).
 
-    python benchmarks/bench_surgery.py [--layers 8 --hidden 1024 --ffn 4096 --vocab 16384 --bf16]
+    python benchmarks/bench_surgery.py [--layers 8 --hidden 1024 --ffn 4096 --vocab 16384 --bf16] [--device cuda]
 
 Gram form: gram (one pass over K shards) + pcgrad rule on [M, K, K] + combine (one pass) on a Megatron-style flat
 [K, N] stash with fused linear_qkv / linear_fc1 views, parameter granularity (paper's). Reference: per HF tensor a
 Python loop, clone each domain grad, per-pair dots with .item(), materialised projections, sum. Floor: (2K+1) x N x
 bytes / copy bandwidth (read+write bytes per second of a large torch copy_, measured in the same run).
 Extra memory: peak RSS above the pre-run RSS (Linux VmHWM, reset through /proc/self/clear_refs), inputs and the
-output buffer preallocated, so it counts only temporaries the method allocates.
+output buffer preallocated, so it counts only temporaries the method allocates; on a GPU, torch's peak allocated
+bytes above the allocation before the call, and every call is timed between two device synchronisations.
 """
 import argparse
 import os
@@ -93,23 +94,32 @@ def rss_kb(field):
                 return int(line.split()[1])
 
 
-def measure(fn, reps, warmup=True):
-    """(best seconds over `reps` calls, peak extra RSS MiB or None)."""
+def measure(fn, reps, warmup=True, device=torch.device("cpu")):
+    """(best seconds over `reps` calls, peak extra memory MiB or None): RSS on the CPU, allocator bytes on a GPU."""
     if warmup:
         fn()
     best, extra = float("inf"), None
+    gpu = device.type == "cuda"
     for _ in range(reps):
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset VmHWM to the current RSS
-            base = rss_kb("VmRSS")
-        except OSError:
-            base = None
+        if gpu:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated() / 1024
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")  # reset VmHWM to the current RSS
+                base = rss_kb("VmRSS")
+            except OSError:
+                base = None
         t = time.perf_counter()
         fn()
+        if gpu:
+            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t)
         if base is not None:
-            e = (rss_kb("VmHWM") - base) / 1024
+            peak = torch.cuda.max_memory_allocated() / 1024 if gpu else rss_kb("VmHWM")
+            e = (peak - base) / 1024
             extra = e if extra is None else max(extra, e)
     return best, extra
 
@@ -124,12 +134,15 @@ def main():
     ap.add_argument("--vocab", type=int, default=16384)
     ap.add_argument("--bf16", action="store_true", help="also time the Gram form on bf16 gradients")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (Gram form: 3 calls per round)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the floor is then the card's copy bandwidth)")
     a = ap.parse_args()
+    dev = torch.device(a.device)
     torch.manual_seed(0)
     hf, mc = llama(a.layers, a.hidden, a.heads, a.groups, a.ffn, a.vocab)
     N = sum(lay.numel for lay in mc)
     print(f"# model: {a.layers} Llama layers, hidden {a.hidden}, ffn {a.ffn}, vocab {a.vocab}: {N / 1e6:.1f}M params, "
-          f"K={K}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"K={K}, {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'{torch.get_num_threads()} threads'}, "
+          f"torch {torch.__version__}, "
           f"load average before {os.getloadavg()[0]:.2f}")
     seg = build_segments(pieces_for_shard(mc, 0, N), "parameter")
     rule = get_rule("pcgrad", seed=0)
@@ -137,9 +150,9 @@ def main():
 
     for dtype in [torch.float32] + ([torch.bfloat16] if a.bf16 else []):
         dt = str(dtype).split(".")[-1]
-        esz = torch.empty(0, dtype=dtype).element_size()
-        src, dst = torch.randn(N).to(dtype), torch.empty(N, dtype=dtype)
-        stash, out = torch.randn(K, N).to(dtype), torch.empty(N, dtype=dtype)
+        esz = dtype.itemsize
+        src, dst = torch.randn(N, device=dev).to(dtype), torch.empty(N, dtype=dtype, device=dev)
+        stash, out = torch.randn(K, N, device=dev).to(dtype), torch.empty(N, dtype=dtype, device=dev)
 
         def gram_form(kernel="auto", stash=stash, out=out):  # "auto": the compiled one-pass kernels on long runs
             G = gram(seg, stash, kernel=kernel)
@@ -155,8 +168,8 @@ def main():
                    ("same traffic, plain torch: stash.sum() + sum(stash, 0, out)", plain_passes, 3),
                    ("Gram form, kernel='eager' (batched matmuls, nothing compiled)", lambda: gram_form("eager"), 3)]
         if dtype == torch.float32:
-            per_domain = [[torch.randn(s) for _, s in hf] for _ in range(K)]  # separate HF tensors
-            outs = [torch.empty(s) for _, s in hf]
+            per_domain = [[torch.randn(s, device=dev) for _, s in hf] for _ in range(K)]  # separate HF tensors
+            outs = [torch.empty(s, device=dev) for _, s in hf]
             rng = random.Random(0)
             methods += [(label, lambda lean=lean: reference_pcgrad(per_domain, outs, rng, lean), 1)
                         for lean, label in ((False, "per-tensor loop, reference form"),
@@ -166,7 +179,7 @@ def main():
         best = {label: (float("inf"), None) for label, _, _ in methods}
         for _ in range(a.rounds):
             for label, fn, calls in methods:
-                t, m = measure(fn, calls, warmup=False)
+                t, m = measure(fn, calls, warmup=False, device=dev)
                 bt, bm = best[label]
                 best[label] = (min(bt, t), m if bm is None or (m is not None and m > bm) else bm)
         bw = 2 * N * esz / best["copy"][0]

@@ -85,22 +85,3 @@ def plan_microbatches(domains: Sequence[str], micro_batch_size: int, dp_size: in
         for r in range(dp_size):
             plan[r].extend(MicroBatch(d, chunk) for chunk in _cut(per_rank[r], m))
     return plan
-
-
-def pack_sequences(rows: Sequence[tuple[Sequence[int], int]], micro_batch_size: int, seq_len: int, pad: int,
-                   target_key: str = "targets") -> dict:
-    """Rows of (token ids, prompt length) -> one micro-batch dict of [micro_batch_size, seq_len] tensors:
-    `tokens` = ids[:-1], `target_key` = ids[1:] (next-token targets), `loss_mask` = 1 where the target is a
-    response token. Rows past len(rows) are padding (mask 0), so every rank runs the same micro-batch shape."""
-    import torch
-
-    b = {"tokens": torch.full((micro_batch_size, seq_len), pad, dtype=torch.long),
-         target_key: torch.full((micro_batch_size, seq_len), pad, dtype=torch.long),
-         "loss_mask": torch.zeros(micro_batch_size, seq_len)}
-    for row, (ids, prompt_len) in enumerate(rows):
-        s = torch.as_tensor(ids, dtype=torch.long)
-        n = len(ids) - 1
-        b["tokens"][row, :n] = s[:-1]
-        b[target_key][row, :n] = s[1:]
-        b["loss_mask"][row, prompt_len - 1:n] = 1.0
-    return b

@@ -70,9 +70,9 @@ def _run_task(rank: int, world: int, task: dict):
         from mgs_megatron.megatron import parallel
         from mgs_megatron.megatron.model import ParallelConfig
 
-        parallel.initialize(ParallelConfig(layout.tp, layout.pp, layout.vpp), seed=task["seed"], device="cpu")
+        parallel.initialize(ParallelConfig(layout.tp, layout.pp, layout.vpp), seed=task["seed"], device=task["device"])
     else:
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+        dist.init_process_group("gloo" if task["device"] == "cpu" else "nccl", rank=rank, world_size=world)
     try:
         out = task["fn"](*task["args"], **task["kwargs"])
         dist.barrier()
@@ -84,7 +84,9 @@ def _run_task(rank: int, world: int, task: dict):
     return out
 
 
-def _worker_loop(rank: int, world: int, inbox, outbox) -> None:
+def _worker_loop(rank: int, world: int, device: str, inbox, outbox) -> None:
+    if device == "cpu":  # CPU ranks on a GPU node too (the conversion check, the test suite): hide the GPUs before
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # anything initialises CUDA, so the CPU backend may activate
     import warnings
 
     import torch
@@ -102,13 +104,13 @@ def _worker_loop(rank: int, world: int, inbox, outbox) -> None:
 
 
 class _Pool:
-    def __init__(self, world: int):
+    def __init__(self, world: int, device: str):
         ctx = mp.get_context("spawn")
         self.world = world
         self.outbox = ctx.Queue()
         self.inboxes = [ctx.Queue() for _ in range(world)]
-        self.procs = [ctx.Process(target=_worker_loop, args=(r, world, self.inboxes[r], self.outbox), daemon=True)
-                      for r in range(world)]
+        self.procs = [ctx.Process(target=_worker_loop, args=(r, world, device, self.inboxes[r], self.outbox),
+                                  daemon=True) for r in range(world)]
         for p in self.procs:
             p.start()
         self.next_id = 0
@@ -132,7 +134,7 @@ class _Pool:
                 p.kill()
 
 
-_POOLS: dict[int, _Pool] = {}
+_POOLS: dict[tuple[int, str], _Pool] = {}
 
 
 def _close_all() -> None:
@@ -145,15 +147,17 @@ atexit.register(_close_all)
 
 
 def run_distributed(fn: Callable, layout: Layout | int, *args, timeout: float = 240.0, seed: int = 1234,
-                    **kwargs) -> list[Any]:
+                    rank_device: str = "cpu", **kwargs) -> list[Any]:
     """Run fn(*args, **kwargs) on every rank; return the per-rank results ordered by rank.
 
-    `layout` is a Layout (Megatron parallel_state is initialised, CPU backend active) or an int world size (plain
-    gloo process group only). fn must be importable (module level); args and results travel through torch.save.
+    `layout` is a Layout (Megatron parallel_state is initialised) or an int world size (a plain process group only).
+    rank_device "cpu": gloo and the CPU backend, with the GPUs hidden from the ranks (so this works on a GPU node
+    too); "cuda": NCCL, one GPU per rank. fn must be importable (module level); args and results travel through
+    torch.save.
     """
     for attempt in range(3):
         try:
-            return _run_once(fn, layout, args, kwargs, timeout, seed)
+            return _run_once(fn, layout, args, kwargs, timeout, seed, rank_device)
         except DistributedTestError as e:
             # The free port is only free when chosen: another process can take it before the store binds it.
             if attempt == 2 or "EADDRINUSE" not in str(e) and "Address already in use" not in str(e):
@@ -194,15 +198,17 @@ def _failure_report(what: str, failures: dict[int, str]) -> str:
     return "\n".join(report)
 
 
-def _run_once(fn: Callable, layout, args: tuple, kwargs: dict, timeout: float, seed: int) -> list[Any]:
+def _run_once(fn: Callable, layout, args: tuple, kwargs: dict, timeout: float, seed: int,
+              device: str) -> list[Any]:
     world = layout if isinstance(layout, int) else layout.world_size
-    pool = _POOLS.get(world)
+    key = (world, device)
+    pool = _POOLS.get(key)
     if pool is None or not pool.alive():
         if pool is not None:
             pool.close()
-        pool = _POOLS[world] = _Pool(world)
+        pool = _POOLS[key] = _Pool(world, device)
     pool.next_id += 1
-    task = dict(id=pool.next_id, fn=fn, args=args, kwargs=kwargs, port=free_port(), seed=seed,
+    task = dict(id=pool.next_id, fn=fn, args=args, kwargs=kwargs, port=free_port(), seed=seed, device=device,
                 layout=None if isinstance(layout, int) else layout)
     for q in pool.inboxes:
         q.put(task)
@@ -233,5 +239,5 @@ def _run_once(fn: Callable, layout, args: tuple, kwargs: dict, timeout: float, s
     finally:
         if not ok:
             pool.close()
-            _POOLS.pop(world, None)
+            _POOLS.pop(key, None)
     return [gathered[r] for r in range(world)]

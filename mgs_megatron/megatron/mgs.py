@@ -29,6 +29,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from mgs_megatron.devices import HOST, collective_device, compute_device
 from mgs_megatron.megatron.module_map import counted_once, param_layouts
 from mgs_megatron.megatron.schedule import is_loss_reporting_rank
 from mgs_megatron.models import ModelConfig
@@ -105,15 +106,15 @@ class ModularGradientSurgery:
         self._active: Optional[str] = None
         self._present: list[str] = []
         self._reduced = False
-        self._local_tokens = torch.zeros((), dtype=torch.float64)
         self.per_token = bool(getattr(chunks[0].config, "calculate_per_token_loss", False))
         self._install_finalize_hook()
         self._ranges = self._owned_ranges(param_layouts(chunks, model_config))
         self._check_against_optimizer()
         self._stash_numel = sum(r.view.numel() for r in self._ranges)
         dtype = self._ranges[0].view.dtype if self._ranges else torch.float32
-        self._stash = torch.empty(len(self.domains), self._stash_numel, dtype=dtype,
-                                  device=self._ranges[0].view.device if self._ranges else "cpu")
+        device = self._ranges[0].view.device if self._ranges else compute_device()
+        self._stash = torch.empty(len(self.domains), self._stash_numel, dtype=dtype, device=device)
+        self._local_tokens = torch.zeros((), dtype=torch.float64, device=device)  # this rank's loss tokens
         self._build_segments()
 
     # ---- set-up -------------------------------------------------------------------------------------------
@@ -129,7 +130,7 @@ class ModularGradientSurgery:
             if self._active is None:  # an ordinary (non-MGS) step through the same schedule
                 return inner(model, num_tokens, *args, **kwargs)
             if num_tokens is not None:  # keep the domain unnormalised; step() divides by the global count
-                self._local_tokens += num_tokens.detach().to(torch.float64).cpu().sum()
+                self._local_tokens += num_tokens.detach().to(self._local_tokens.device, torch.float64).sum()
             self._reduced = True
             return inner(model, None, *args, **kwargs)
 
@@ -302,7 +303,7 @@ class ModularGradientSurgery:
 
     @torch.no_grad()
     def stashed_gradient(self, domain: str) -> dict[str, torch.Tensor]:
-        """Domain's reduced gradient as canonical full tensors (all ranks; for tests and debugging)."""
+        """Domain's reduced gradient as canonical full host tensors (all ranks; for tests and debugging)."""
         from megatron.core import parallel_state as ps
 
         from mgs_megatron.megatron.state import full_from_shards, named_global_parameters
@@ -319,7 +320,7 @@ class ModularGradientSurgery:
         for name, p, gpt in named_global_parameters(self.chunks):
             if name == "output_layer.weight" and gpt.share_embeddings_and_output_weights:
                 continue
-            local = torch.zeros(p.numel(), dtype=torch.float32)
+            local = torch.zeros(p.numel(), dtype=torch.float32, device=collective_device(ps.get_data_parallel_group()))
             for a, b, t in by_param.get(name, []):
                 local[a:b] = t.float()
             if dist_opt:
@@ -329,7 +330,7 @@ class ModularGradientSurgery:
                 shards = [torch.empty_like(local) for _ in range(tp)]
                 dist.all_gather(shards, local, group=ps.get_tensor_model_parallel_group())
                 local = full_from_shards(name, shards, p, gpt.config.gated_linear_unit)
-            out[name] = local
+            out[name] = local.to(HOST)  # host copies: all_gather_object pickles them
         if ps.get_pipeline_model_parallel_world_size() > 1:
             parts: list = [None] * ps.get_pipeline_model_parallel_world_size()
             dist.all_gather_object(parts, out, group=ps.get_pipeline_model_parallel_group())

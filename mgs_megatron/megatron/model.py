@@ -62,9 +62,24 @@ def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 1) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
+def fusion_flags(device: str, te: bool, apex_grad_accum: bool) -> dict:
+    """Which of Megatron's fused kernels to turn on. On a GPU: the jit-scripted SwiGLU and bias-dropout-add (plain
+    torch) always; softmax and rope fusion with Transformer Engine (the TE spec brings them; without it Megatron
+    would import absent CUDA extensions); gradient-accumulation fusion with TE's linear layers or apex's
+    fused_weight_gradient_mlp_cuda. On the CPU none (they are CUDA kernels)."""
+    gpu = device == "cuda"
+    return dict(bias_activation_fusion=gpu, bias_dropout_fusion=gpu, masked_softmax_fusion=gpu and te,
+                apply_rope_fusion=gpu and te, persist_layer_norm=False,
+                gradient_accumulation_fusion=gpu and (te or apex_grad_accum))
+
+
 def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig = PrecisionConfig(),
-                       **overrides):
-    """ModelConfig -> megatron.core TransformerConfig (no dropout: RL recomputes exact logprobs)."""
+                       *, device: str = "cpu", initialize: bool = True, use_te: bool = False, **overrides):
+    """ModelConfig -> megatron.core TransformerConfig (no dropout: RL recomputes exact logprobs).
+
+    On the CPU full weights are drawn on the CPU and then split (the same init at every TP size); on a GPU each rank
+    draws its own shard there. `initialize=False` draws nothing (the weights are about to be loaded).
+    """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     parallel.check(model)
@@ -92,13 +107,9 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: 
         pipeline_dtype=precision.params_dtype,
         bf16=bf16,
         calculate_per_token_loss=precision.calculate_per_token_loss,
-        use_cpu_initialization=True,  # full weights drawn on CPU then split: the same init at every TP size
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
+        use_cpu_initialization=device != "cuda",
+        perform_initialization=initialize,
+        **fusion_flags(device, use_te, importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None),
         attention_softmax_in_fp32=True,
         init_method_std=0.02,
     )
@@ -119,14 +130,18 @@ def layer_spec(model: ModelConfig, use_te: bool):
 
 
 def build_gpt_model(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig = PrecisionConfig(),
-                    *, use_te: Optional[bool] = None, vp_stage: Optional[int] = None, **config_overrides):
-    """One GPTModel chunk for this rank's pipeline stage (parallel_state must be initialised)."""
+                    *, device: str = "cpu", initialize: bool = True, use_te: Optional[bool] = None,
+                    vp_stage: Optional[int] = None, **config_overrides):
+    """One GPTModel chunk for this rank's pipeline stage (parallel_state must be initialised). `device`: where the
+    weights are made ('cuda': on the current GPU, Transformer Engine's spec when installed); `initialize=False` when a
+    checkpoint will overwrite every weight."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
-    config = transformer_config(model, parallel, precision, **config_overrides)
     if use_te is None:
-        use_te = torch.cuda.is_available() and transformer_engine_available()
+        use_te = device == "cuda" and transformer_engine_available()
+    config = transformer_config(model, parallel, precision, device=device, initialize=initialize, use_te=use_te,
+                                **config_overrides)
     kwargs = {}
     if parallel.virtual_pipeline_model_parallel_size is not None:
         kwargs["vp_stage"] = vp_stage
@@ -150,11 +165,11 @@ def build_gpt_model(model: ModelConfig, parallel: ParallelConfig, precision: Pre
     return gpt
 
 
-def llama3_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
+def llama3_inv_freq(head_dim: int, theta: float, scaling: RopeScaling, device=None) -> torch.Tensor:
     """Hugging Face's "llama3" rope frequencies (Megatron hard-codes factor 8 / 1 / 4 / 8192 otherwise)."""
     import math
 
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
     low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
     high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
     wavelen = 2 * math.pi / inv_freq
@@ -170,8 +185,9 @@ def _apply_llama3_rope_scaling(gpt, model: ModelConfig) -> None:
     rotary = getattr(gpt, "rotary_pos_emb", None)
     if rotary is None:
         raise ConfigError("rope_scaling is set but the model has no rotary embedding")
-    rotary.inv_freq = llama3_inv_freq(model.head_dim, model.rope_theta, model.rope_scaling).to(rotary.inv_freq.device)
+    rotary.inv_freq = llama3_inv_freq(model.head_dim, model.rope_theta, model.rope_scaling,
+                                      device=rotary.inv_freq.device)
 
 
-__all__ = ["ParallelConfig", "PrecisionConfig", "build_gpt_model",
+__all__ = ["ParallelConfig", "PrecisionConfig", "build_gpt_model", "fusion_flags",
            "transformer_config", "padded_vocab_size", "llama3_inv_freq"]

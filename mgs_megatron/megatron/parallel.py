@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 
 import torch
 import torch.distributed as dist
 
+from mgs_megatron import devices
 from mgs_megatron.megatron import cpu_backend
 from mgs_megatron.megatron.model import ParallelConfig
+
+DEFAULT_TIMEOUT_S = 3600.0
 
 
 def resolve_device(device: str) -> str:
@@ -20,10 +24,13 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def initialize(parallel: ParallelConfig, *, seed: int = 1234, device: str = "auto") -> str:
+def initialize(parallel: ParallelConfig, *, seed: int = 1234, device: str = "auto",
+               timeout_s: float = DEFAULT_TIMEOUT_S) -> str:
     """Initialise the default process group (from the torchrun env vars) and Megatron's model-parallel groups.
 
-    device='cpu' activates the CPU backend and uses gloo; 'cuda' uses NCCL. Returns the resolved device.
+    device='cpu' activates the CPU backend and uses gloo; 'cuda' uses NCCL (single-backend groups: see devices.py).
+    `timeout_s` bounds every collective: long by default, because rank 0 converts or exports a whole model while
+    the other ranks wait in a barrier. Returns the resolved device.
     """
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
@@ -33,8 +40,10 @@ def initialize(parallel: ParallelConfig, *, seed: int = 1234, device: str = "aut
         cpu_backend.activate()
     else:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    devices.set_compute_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend="gloo" if device == "cpu" else "nccl")
+        dist.init_process_group(backend="gloo" if device == "cpu" else "nccl",
+                                timeout=datetime.timedelta(seconds=timeout_s))
     parallel_kwargs = dict(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
@@ -43,7 +52,7 @@ def initialize(parallel: ParallelConfig, *, seed: int = 1234, device: str = "aut
     if dist.get_world_size() % (parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size):
         raise ValueError(f"world size {dist.get_world_size()} is not divisible by tensor_model_parallel_size x "
                          f"pipeline_model_parallel_size = {parallel_kwargs}")
-    ps.initialize_model_parallel(**parallel_kwargs)
+    ps.initialize_model_parallel(**parallel_kwargs, distributed_timeout_minutes=max(1, int(timeout_s // 60)))
     model_parallel_cuda_manual_seed(seed)
     return device
 

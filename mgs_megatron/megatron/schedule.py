@@ -1,8 +1,9 @@
 """Megatron's own forward/backward schedules (any PP) around a language-model loss on token micro-batches.
 
-A micro-batch is a dict with `tokens` [b, s] (int64), `labels` [b, s] and `loss_mask` [b, s] (float); `position_ids`
-is derived when absent. `loss_fn(per_token_loss_or_logits, batch) -> (loss, num_tokens, metrics)` may be swapped for
-an RL policy loss.
+A micro-batch is a dict with `tokens` [b, s] (int64), `labels` (or `targets`) [b, s] and `loss_mask` [b, s] (float),
+built on the host (`pack_sequences`) and moved to the compute device in one place, the forward step
+(devices.to_compute); `position_ids` is derived when absent. `loss_fn(per_token_loss_or_logits, batch) -> (loss,
+num_tokens, metrics)` may be swapped for an RL policy loss.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from functools import partial
 from typing import Callable, Iterable, Sequence
 
 import torch
+
+from mgs_megatron.devices import HOST, to_compute
 
 LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, torch.Tensor, dict]]
 
@@ -50,8 +53,40 @@ def configure_grad_sync(ddp_chunks: Sequence[torch.nn.Module]) -> None:
     config.finalize_model_grads_func = finalize_model_grads
 
 
+def pack_sequences(rows: Sequence[tuple[Sequence[int], int]], micro_batch_size: int, seq_len: int, pad: int,
+                   target_key: str = "targets") -> dict:
+    """Rows of (token ids, prompt length) -> one micro-batch dict of [micro_batch_size, seq_len] host tensors:
+    `tokens` = ids[:-1], `target_key` = ids[1:] (next-token targets), `loss_mask` = 1 where the target is a
+    response token. Rows past len(rows) are padding (mask 0), so every rank runs the same micro-batch shape."""
+    b = {"tokens": torch.full((micro_batch_size, seq_len), pad, dtype=torch.long, device=HOST),
+         target_key: torch.full((micro_batch_size, seq_len), pad, dtype=torch.long, device=HOST),
+         "loss_mask": torch.zeros(micro_batch_size, seq_len, device=HOST)}
+    for row, (ids, prompt_len) in enumerate(rows):
+        s = torch.as_tensor(ids, dtype=torch.long, device=HOST)
+        n = len(ids) - 1
+        b["tokens"][row, :n] = s[:-1]
+        b[target_key][row, :n] = s[1:]
+        b["loss_mask"][row, prompt_len - 1:n] = 1.0
+    return b
+
+
+def pad_batches(batches: Sequence[dict], seq_len: int, pad: int) -> list[dict]:
+    """Micro-batches right-padded to seq_len (tokens and targets with `pad`, masks with 0): causal attention keeps
+    every real position's output unchanged."""
+    out = []
+    for b in batches:
+        extra = seq_len - b["tokens"].shape[1]
+        if extra <= 0:
+            out.append(b)
+            continue
+        fill = {k: pad if v.dtype == torch.long else 0 for k, v in b.items() if isinstance(v, torch.Tensor)}
+        out.append({k: torch.nn.functional.pad(v, (0, extra), value=fill[k]) if k in fill and v.dim() == 2 else v
+                    for k, v in b.items()})
+    return out
+
+
 def _forward_step(loss_fn: LossFn, data_iterator, model):
-    batch = next(data_iterator)
+    batch = to_compute(next(data_iterator))
     tokens = batch["tokens"]
     position_ids = batch.get("position_ids")
     if position_ids is None:

@@ -16,6 +16,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from mgs_megatron.devices import collective_device
 from mgs_megatron.errors import ConversionError
 from mgs_megatron.megatron.state import full_from_shards, named_global_parameters
 from mgs_megatron.models import ModelConfig, TensorMap, hf_shapes, tensor_maps
@@ -94,7 +95,7 @@ def iter_canonical(chunks: Sequence[torch.nn.Module], cfg: ModelConfig, *, all_r
         full = _tp_gather(tm.mcore, *local[tm.mcore]) if stage == owner else None
         if pp > 1 and all_ranks:
             if full is None:
-                full = torch.empty(shape, dtype=_DTYPES[dtype])
+                full = torch.empty(shape, dtype=_DTYPES[dtype], device=collective_device(pp_group))
             dist.broadcast(full, src=dist.get_global_rank(pp_group, owner), group=pp_group)
         elif pp > 1 and owner != 0 and tp_rank == 0:
             first = dist.get_global_rank(pp_group, 0)
@@ -102,7 +103,7 @@ def iter_canonical(chunks: Sequence[torch.nn.Module], cfg: ModelConfig, *, all_r
                 dist.send(full.contiguous(), dst=first)
                 full = None
             elif stage == 0:
-                full = torch.empty(shape, dtype=_DTYPES[dtype])
+                full = torch.empty(shape, dtype=_DTYPES[dtype], device=collective_device(pp_group))
                 dist.recv(full, src=dist.get_global_rank(pp_group, owner))
         if not all_ranks and dist.get_rank() != 0:
             full = None
@@ -141,5 +142,5 @@ def iter_hf_weights(chunks: Sequence[torch.nn.Module], cfg: ModelConfig, *, max_
 def _nbytes_of(tm: TensorMap, cfg: ModelConfig, dtype: Optional[torch.dtype]) -> int:
     """Bytes of a TensorMap's HF tensors, computable on every rank (so group boundaries agree)."""
     shapes = hf_shapes(cfg)
-    elem = torch.empty((), dtype=dtype or torch.float32).element_size()
+    elem = (dtype or torch.float32).itemsize
     return sum(int(torch.Size(shapes[n]).numel()) for n in tm.hf) * elem

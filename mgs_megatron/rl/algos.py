@@ -109,20 +109,20 @@ def agg_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "token-mea
     raise KeyError(f"unknown loss aggregation {mode!r}")
 
 
-def _group_index(group_ids: Sequence) -> tuple[torch.Tensor, int]:
+def _group_index(group_ids: Sequence, device) -> tuple[torch.Tensor, int]:
     """Dense group index per sample (order of first appearance) and the number of groups."""
     ids: dict = {}
     idx = [ids.setdefault(g if not isinstance(g, torch.Tensor) else g.item(), len(ids)) for g in group_ids]
-    return torch.tensor(idx, dtype=torch.long), len(ids)
+    return torch.tensor(idx, dtype=torch.long, device=device), len(ids)
 
 
 def group_stats(scores: torch.Tensor, group_ids: Sequence) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-sample (group mean, group std (unbiased, 0 for a group of one), group size)."""
-    idx, n = _group_index(group_ids)
+    idx, n = _group_index(group_ids, scores.device)
     scores = scores.to(torch.float64)
-    count = torch.zeros(n, dtype=torch.float64).index_add_(0, idx, torch.ones_like(scores))
-    mean = torch.zeros(n, dtype=torch.float64).index_add_(0, idx, scores) / count
-    sq = torch.zeros(n, dtype=torch.float64).index_add_(0, idx, (scores - mean[idx]) ** 2)
+    count = torch.zeros(n, dtype=torch.float64, device=scores.device).index_add_(0, idx, torch.ones_like(scores))
+    mean = torch.zeros(n, dtype=torch.float64, device=scores.device).index_add_(0, idx, scores) / count
+    sq = torch.zeros(n, dtype=torch.float64, device=scores.device).index_add_(0, idx, (scores - mean[idx]) ** 2)
     std = torch.where(count > 1, (sq / (count - 1).clamp_min(1)).sqrt(), torch.zeros_like(sq))
     return mean[idx], std[idx], count[idx]
 
@@ -157,10 +157,10 @@ def compute_advantage(name: str, scores: torch.Tensor, group_ids: Sequence, **kw
 def nonzero_variance_groups(scores: torch.Tensor, group_ids: Sequence, tol: float = 0.0) -> torch.Tensor:
     """[B] bool: True where the sample's group has reward spread > tol (all-equal groups carry no GRPO signal
     and are dropped by `filter_groups` / DAPO's dynamic sampling)."""
-    idx, n = _group_index(group_ids)
+    idx, n = _group_index(group_ids, scores.device)
     s = scores.to(torch.float64)
-    hi = torch.full((n,), -float("inf"), dtype=torch.float64).scatter_reduce(0, idx, s, "amax")
-    lo = torch.full((n,), float("inf"), dtype=torch.float64).scatter_reduce(0, idx, s, "amin")
+    hi = torch.full((n,), -float("inf"), dtype=torch.float64, device=s.device).scatter_reduce(0, idx, s, "amax")
+    lo = torch.full((n,), float("inf"), dtype=torch.float64, device=s.device).scatter_reduce(0, idx, s, "amin")
     return (hi - lo)[idx] > tol
 
 
@@ -217,19 +217,8 @@ def kl_penalty(name: str, logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.T
     return _get(KL_ESTIMATORS, "KL estimator", name)(logp, ref_logp)
 
 
-# ------------------------------------------------------------------------------------------------ entropy
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Per-position entropy of softmax(logits) over the last dim (full vocabulary: TP=1, or gathered logits)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
-def token_logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-
-
 __all__ = ["AlgoConfig", "ADVANTAGE_ESTIMATORS", "POLICY_LOSSES", "KL_ESTIMATORS", "register_advantage",
            "register_policy_loss",
            "register_kl", "compute_advantage", "grpo_advantage", "rloo_advantage", "group_stats",
            "nonzero_variance_groups", "policy_loss", "clipped_policy_loss", "kl_penalty", "kl_low_var",
-           "entropy_from_logits", "token_logprobs_from_logits", "masked_sum", "masked_mean", "agg_loss"]
+           "masked_sum", "masked_mean", "agg_loss"]

@@ -90,10 +90,15 @@ class LauncherConfig:
     """'cpu' (gloo, Megatron-Core through the CPU backend), 'cuda' (NCCL), 'auto': cuda when a GPU is usable."""
     threads_per_proc: int = 1
     """torch CPU threads per rank."""
+    collective_timeout_s: float = 3600.0
+    """Timeout of every collective (torch.distributed and Megatron's groups): long, because rank 0 converts or
+    exports a whole model while the other ranks wait."""
 
     def __post_init__(self):
         if self.nproc_per_node < 1:
             raise ValueError(f"nproc_per_node={self.nproc_per_node} must be >= 1")
+        if self.collective_timeout_s <= 0:
+            raise ValueError(f"collective_timeout_s={self.collective_timeout_s} must be > 0")
 
 
 @dataclass

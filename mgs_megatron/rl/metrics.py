@@ -19,6 +19,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from mgs_megatron.devices import collective_device
+
 log = logging.getLogger("mgs_megatron.rl")
 
 
@@ -145,11 +147,17 @@ def system_stats(device: str) -> dict[str, float]:
     if device == "cuda" and torch.cuda.is_available():
         out["mem/gpu_allocated_gib"] = torch.cuda.memory_allocated() / 2**30
         out["mem/gpu_peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        out.update(_nvml_stats(torch.cuda.current_device()))
+        out.update(_nvml_stats(str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)))
     return out
 
 
-def _nvml_stats(index: int) -> dict[str, float]:
+def nvml_uuid(torch_uuid: str) -> str:
+    """NVML's name of the GPU torch calls `torch_uuid` ("GPU-<uuid>"): a device is looked up by UUID because torch's
+    index counts only CUDA_VISIBLE_DEVICES while NVML's counts every GPU of the node."""
+    return torch_uuid if torch_uuid.startswith(("GPU-", "MIG-")) else f"GPU-{torch_uuid}"
+
+
+def _nvml_stats(uuid: str) -> dict[str, float]:
     """GPU memory used (all processes), utilisation % and power; -1 where NVML is unavailable (same keys on every
     rank, so that they can be reduced)."""
     keys = ("gpu/memory_used_gib", "gpu/utilization", "gpu/power_w")
@@ -157,7 +165,7 @@ def _nvml_stats(index: int) -> dict[str, float]:
         import pynvml
 
         pynvml.nvmlInit()
-        h = pynvml.nvmlDeviceGetHandleByIndex(index)
+        h = pynvml.nvmlDeviceGetHandleByUUID(nvml_uuid(uuid).encode())
         mem, util = pynvml.nvmlDeviceGetMemoryInfo(h), pynvml.nvmlDeviceGetUtilizationRates(h)
         return {"gpu/memory_used_gib": mem.used / 2**30, "gpu/utilization": float(util.gpu),
                 "gpu/power_w": pynvml.nvmlDeviceGetPowerUsage(h) / 1000.0}
@@ -172,7 +180,7 @@ def reduce_max(stats: dict[str, float], group: Optional[object] = None) -> dict[
 
     if not stats:
         return {}
-    t = torch.tensor(list(stats.values()), dtype=torch.float64)
+    t = torch.tensor(list(stats.values()), dtype=torch.float64, device=collective_device(group))
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return dict(zip(stats, t.tolist()))
 

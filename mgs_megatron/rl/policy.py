@@ -13,10 +13,12 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from mgs_megatron.devices import collective_device, compute_device
 from mgs_megatron.megatron.domain_step import domain_step
+from mgs_megatron.megatron.forward import sequence_logprobs
 from mgs_megatron.megatron.model import PrecisionConfig, build_gpt_model
 from mgs_megatron.megatron.optim import make_trainable
-from mgs_megatron.megatron.schedule import forward_backward, sum_reported
+from mgs_megatron.megatron.schedule import forward_backward, pad_batches, sum_reported
 from mgs_megatron.models import ModelConfig
 from mgs_megatron.rl.losses import STAT_NAMES, make_rl_loss
 
@@ -64,8 +66,11 @@ class Policy:
 
         self.model_cfg, self.device = model_cfg, device
         self.micro_batch_size = cfg.optim.micro_batch_size
+        self.pp = cfg.parallel.pipeline_model_parallel_size
         precision = precision_of(cfg)
-        model = build_gpt_model(model_cfg, cfg.parallel, precision)
+        # on a GPU, weights that a checkpoint overwrites are never drawn (nor materialised on the CPU first)
+        self.skip_init = device == "cuda" and start_from is not None
+        model = build_gpt_model(model_cfg, cfg.parallel, precision, device=device, initialize=not self.skip_init)
         load_initial_weights([model], start_from)
         self.ref = self._frozen_copy(model, cfg, precision) if cfg.algo.kl_coef else None
         self.chunks, self.optimizer = make_trainable([model], cfg.optim, params_dtype=precision.params_dtype,
@@ -75,7 +80,8 @@ class Policy:
         self.loss_fn = make_rl_loss(cfg.algo, model_cfg.vocab_size)
 
     def _frozen_copy(self, model, cfg, precision) -> list:
-        ref = build_gpt_model(self.model_cfg, cfg.parallel, precision)
+        ref = build_gpt_model(self.model_cfg, cfg.parallel, precision, device=self.device, initialize=False)
+        ref.to(compute_device())
         with torch.no_grad():
             for p, q in zip(ref.parameters(), model.parameters()):
                 p.copy_(q)
@@ -86,28 +92,29 @@ class Policy:
     def token_logprobs(self, sequences, prompt_lens, *, reference: bool = False) -> list[torch.Tensor]:
         """Per-token logprobs of each sequence's response under the policy (or the reference; the policy when
         there is no reference model), on every rank."""
-        from mgs_megatron.rollout.logprobs import megatron_token_logprobs
-
         chunks = self.ref if reference and self.ref is not None else self.chunks
-        if not sequences:
-            return []
-        return megatron_token_logprobs(chunks, sequences, prompt_lens, self.model_cfg.vocab_size)
+        return sequence_logprobs(chunks, sequences, prompt_lens, self.model_cfg.vocab_size,
+                                 micro_batch_size=self.micro_batch_size)
 
     # ------------------------------------------------------------------------------------------------ update
-    def update(self, groups: dict, seq_len: int) -> dict:
+    def update(self, groups: dict, pad: int) -> dict:
         """One optimizer step over this rank's micro-batches {domain: [batch dict]} (domain_step: per domain under
-        MGS, one schedule call otherwise); returns the actor and surgery metrics (reduced over ranks)."""
+        MGS, one schedule call otherwise); returns the actor and surgery metrics (reduced over ranks). Micro-batches
+        keep their own length, except under pipeline parallelism, where one schedule call needs one shape."""
         for c in self.chunks:
             c.train(True)
 
         def run_schedule(batches):
-            return forward_backward(self.chunks, batches, num_microbatches=len(batches), seq_length=seq_len,
+            if self.pp > 1:
+                batches = pad_batches(batches, max(b["tokens"].shape[1] for b in batches), pad)
+            return forward_backward(self.chunks, batches, num_microbatches=len(batches),
+                                    seq_length=max(b["tokens"].shape[1] for b in batches),
                                     micro_batch_size=self.micro_batch_size, loss_fn=self.loss_fn)
 
         res = domain_step(self.chunks, self.optimizer, groups, run_schedule, mgs=self.mgs)
-        stats = torch.zeros(len(STAT_NAMES) + 1, dtype=torch.float64)
+        stats = torch.zeros(len(STAT_NAMES) + 1, dtype=torch.float64, device=collective_device())
         if res.outputs:
-            stats += torch.stack([o["rl"] for o in res.outputs]).sum(0)
+            stats += torch.stack([o["rl"] for o in res.outputs]).sum(0).to(stats.device)
         sum_reported(stats)
         ntok = max(float(stats[-1]), 1.0)
         metrics = {name: float(stats[i]) / ntok for i, name in enumerate(STAT_NAMES)}

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mgs_megatron.devices import HOST, collective_device, compute_device
+
 
 def _inner_optimizers(optimizer):
     return list(getattr(optimizer, "chained_optimizers", [optimizer]))
@@ -54,13 +56,27 @@ def load_optimizer_state(optimizer, state: dict) -> None:
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every generator a resumed run must continue: CPU, CUDA (this rank's device) and Megatron's model-parallel
+    RNG tracker (dropout / init streams; on the CPU backend they are CPU generator states), numpy, Python."""
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+             "megatron_tracker": get_cuda_rng_tracker().get_states()}
+    if compute_device().type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def load_rng_state(state: dict) -> None:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
+    if "cuda" in state and compute_device().type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"])
+    if state.get("megatron_tracker"):
+        get_cuda_rng_tracker().set_states(state["megatron_tracker"])
 
 
 def latest(root: Path) -> Optional[Path]:
@@ -110,7 +126,7 @@ def load(path: Path, chunks, optimizer) -> tuple[dict, dict]:
     f = path / f"rank_{rank}.pt"
     if not f.is_file():
         raise FileNotFoundError(f"checkpoint {path} has no {f.name}: was it written with another world size?")
-    state = torch.load(f, weights_only=False)
+    state = torch.load(f, map_location=HOST, weights_only=False)  # load_state_dict copies onto each param's device
     for c, sd in zip(chunks, state["model"]):
         c.load_state_dict(sd)
     load_optimizer_state(optimizer, state["optimizer"])
@@ -165,7 +181,7 @@ class Preemption:
         self._flag = True
 
     def requested(self) -> bool:
-        flag = torch.tensor([1.0 if self._flag else 0.0])
+        flag = torch.tensor([1.0 if self._flag else 0.0], device=collective_device())
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)

@@ -25,7 +25,7 @@ from mgs_megatron.megatron import parallel
 from mgs_megatron.models import model_config_from_hf
 from mgs_megatron.rewards import RewardManager
 from mgs_megatron.rl import resume
-from mgs_megatron.rl.batches import pack_plan, rank_plan, score_samples, step_seq_len
+from mgs_megatron.rl.batches import pack_plan, rank_plan, score_samples
 from mgs_megatron.rl.config import TrainConfig, check_paths, read_hf_config
 from mgs_megatron.rl.metrics import (
     MetricsWriter,
@@ -65,7 +65,8 @@ class Trainer:
         torch.set_num_threads(max(1, cfg.launcher.threads_per_proc))
         self.hf_config = read_hf_config(cfg)
         self.model_cfg = model_config_from_hf(self.hf_config)
-        self.device = parallel.initialize(cfg.parallel, seed=cfg.run.seed, device=cfg.launcher.device)
+        self.device = parallel.initialize(cfg.parallel, seed=cfg.run.seed, device=cfg.launcher.device,
+                                          timeout_s=cfg.launcher.collective_timeout_s)
         self.is_main = dist.get_rank() == 0
         self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
 
@@ -113,9 +114,9 @@ class Trainer:
             ref = self.policy.token_logprobs(seqs, plens, reference=True) if self.policy.ref else old
             m.update(self._logprob_diff(mine, old))
         with timer("update"):
-            groups = pack_plan(samples, plan, old, ref, micro_batch_size=cfg.optim.micro_batch_size,
-                               seq_len=step_seq_len(samples), pad=self.tokenizer.pad_token_id or 0)
-            m.update(self.policy.update(groups, step_seq_len(samples)))
+            pad = self.tokenizer.pad_token_id or 0
+            groups = pack_plan(samples, plan, old, ref, micro_batch_size=cfg.optim.micro_batch_size, pad=pad)
+            m.update(self.policy.update(groups, pad))
             if self.policy.mgs is not None:
                 mgs = self.policy.mgs
                 m["module_cos"] = module_cosines(mgs.last_gram, mgs.last_weights, mgs.module_names, mgs.last_domains)

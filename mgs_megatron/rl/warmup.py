@@ -22,7 +22,8 @@ from typing import Optional
 
 import torch
 
-from mgs_megatron.data import pack_sequences
+from mgs_megatron.devices import collective_device
+from mgs_megatron.megatron.schedule import pack_sequences
 
 log = logging.getLogger("mgs_megatron.rl.warmup")
 
@@ -99,7 +100,9 @@ def run_sft(chunks, optimizer, encoded: list[tuple[list[int], int]], *, steps: i
         outs = forward_backward(chunks, mbs, num_microbatches=len(mbs), seq_length=seq_len,
                                 micro_batch_size=micro_batch_size)
         optimizer.step()
-        st = torch.stack([o["lm_loss"] for o in outs]).sum(0).double() if outs else torch.zeros(2, dtype=torch.float64)
+        st = torch.zeros(2, dtype=torch.float64, device=collective_device())
+        if outs:
+            st += torch.stack([o["lm_loss"] for o in outs]).sum(0).double().to(st.device)
         sum_reported(st)
         losses.append(float(st[0] / st[1].clamp_min(1)))
         if dist.get_rank() == 0 and (step + 1) % log_every == 0:
@@ -142,7 +145,7 @@ def maybe_warmup(cfg, train_rows: dict, *, model_cfg, hf_config: dict, layout, p
     demos = build_demonstrations(rows, w.noise, seed=cfg.run.seed, copies=4)
     encoded = [encode_demo(tokenizer, d, cfg.rollout.max_prompt_len, cfg.rollout.max_response_len) for d in demos]
 
-    model = build_gpt_model(model_cfg, layout, precision)
+    model = build_gpt_model(model_cfg, layout, precision, device=device)
     load_initial_weights([model])
     chunks, optimizer = make_trainable([model], cfg.optim, params_dtype=precision.params_dtype, device=device,
                                        lr=w.lr, weight_decay=0.0)

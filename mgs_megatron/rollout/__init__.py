@@ -8,7 +8,7 @@
   sync        sync_weights(engine, chunks, model_cfg): streamed, bucketed, all-or-invalid
   distribute  generate_distributed(engine, prompts): split prompts over engines, every rank gets the rollouts
               of its Megatron DP rank
-  logprobs    megatron_token_logprobs / rollout_logprobs / logprob_diff (the rollout/logprob_diff metric)
+  logprobs    rollout_logprobs / logprob_diff (the rollout/logprob_diff metric, engine vs Megatron)
   gpu         GPU-only: sleep-mode kwargs and sleep / wake around training (untested on CPU)
   backends    the trainer's rollout backends (vllm: engine + sync; megatron: token-by-token fallback), build_backend
 
@@ -28,9 +28,9 @@ from mgs_megatron.rollout.config import (
 )
 from mgs_megatron.rollout.distribute import generate_distributed, split_range
 from mgs_megatron.rollout.engine import RolloutEngine, engine_kwargs, request_seed
-from mgs_megatron.rollout.logprobs import logprob_diff, megatron_token_logprobs, rollout_logprobs
+from mgs_megatron.rollout.logprobs import logprob_diff, rollout_logprobs
 from mgs_megatron.rollout.sync import sync_weights
 
 __all__ = ["EngineInvalidError", "PromptTooLongError", "Rollout", "RolloutConfig", "RolloutEngine", "RolloutError",
-           "SyncStats", "engine_kwargs", "generate_distributed", "logprob_diff", "megatron_token_logprobs",
+           "SyncStats", "engine_kwargs", "generate_distributed", "logprob_diff",
            "request_seed", "rollout_logprobs", "split_range", "sync_weights"]

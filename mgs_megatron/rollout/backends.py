@@ -16,8 +16,24 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from mgs_megatron.devices import HOST, compute_device
 from mgs_megatron.rollout.config import Rollout, RolloutConfig
 from mgs_megatron.rollout.distribute import split_range
+from mgs_megatron.rollout.sampling import sample_next
+
+_CHECK_EVERY = 8  # tokens between host checks of "every row has stopped" (a device -> host sync each)
+
+
+def _from_last_stage(tokens: torch.Tensor) -> torch.Tensor:
+    """The last pipeline stage's tokens on every stage of the pipeline (one broadcast of b numbers)."""
+    from megatron.core import parallel_state as ps
+
+    pp = ps.get_pipeline_model_parallel_world_size()
+    if pp == 1:
+        return tokens
+    group = ps.get_pipeline_model_parallel_group()
+    dist.broadcast(tokens, src=dist.get_global_rank(group, pp - 1), group=group)
+    return tokens
 
 
 def _gather(mine: list, keep_first_of: int = 1) -> list:
@@ -45,8 +61,9 @@ class RolloutBackend:
 
 class MegatronBackend(RolloutBackend):
     """Generation with the Megatron model itself. Each DP rank generates a contiguous share of the prompts (its TP/PP
-    peers run the same forwards); seeds depend on (seed, step, prompt index) only, so results do not depend on the
-    layout or on a resume. Its rollouts carry no logprobs (the trainer recomputes them)."""
+    peers run the same forwards); a sample's draws depend on (seed, step, prompt index, sample index, position)
+    only, so results do not depend on the layout, the batch or a resume. Its rollouts carry no logprobs (the
+    trainer recomputes them)."""
 
     reports_logprobs = False
 
@@ -65,62 +82,33 @@ class MegatronBackend(RolloutBackend):
 
     @torch.no_grad()
     def _sample(self, prompt_ids: list[list[int]], seeds: list[int], temperature: float) -> list[list[int]]:
-        from mgs_megatron.megatron.forward import megatron_logits
+        """Responses of a batch of prompts: the whole batch on the compute device, one forward per token (no KV
+        cache), next tokens drawn on the last pipeline stage (rollout/sampling.py) and broadcast to the others;
+        the host learns whether every row has stopped once every `_CHECK_EVERY` tokens."""
+        from mgs_megatron.megatron.forward import last_logits
 
-        gens = [torch.Generator().manual_seed(s) for s in seeds]
-        seqs = [list(p) for p in prompt_ids]
-        out = [[] for _ in seqs]
-        done = [False] * len(seqs)
-        modes = [m.training for m in self.chunks]
-        try:
-            for _ in range(self.cfg.max_response_len):
-                width = max(len(s) for s in seqs)
-                ids = torch.full((len(seqs), width), self.pad, dtype=torch.long)
-                for i, s in enumerate(seqs):
-                    ids[i, :len(s)] = torch.tensor(s)
-                logits = megatron_logits(self.chunks, ids, self.vocab_size)
-                if logits is None:  # not the last pipeline stage: receive the tokens below
-                    logits = torch.zeros(len(seqs), width, self.vocab_size)
-                nxt = []
-                for i, s in enumerate(seqs):
-                    z = logits[i, len(s) - 1].float()
-                    if temperature <= 0:
-                        t = int(z.argmax())
-                    else:
-                        p = torch.softmax(z / temperature, -1)
-                        if self.cfg.top_p < 1:
-                            sp, si = p.sort(descending=True)
-                            cut = sp.cumsum(0) - sp > self.cfg.top_p
-                            sp[cut] = 0
-                            p = torch.zeros_like(p).scatter_(0, si, sp)
-                        t = int(torch.multinomial(p, 1, generator=gens[i]))
-                    nxt.append(t)
-                nxt = self._share_from_last_stage(nxt)
-                for i, t in enumerate(nxt):
-                    if done[i]:
-                        continue
-                    out[i].append(t)
-                    seqs[i].append(t)
-                    if t == self.eos:
-                        done[i] = True
-                if all(done):
-                    break
-        finally:
-            for m, mode in zip(self.chunks, modes):
-                m.train(mode)
-        return out
-
-    @staticmethod
-    def _share_from_last_stage(tokens: list[int]) -> list[int]:
-        from megatron.core import parallel_state as ps
-
-        if ps.get_pipeline_model_parallel_world_size() == 1:
-            return tokens
-        group = ps.get_pipeline_model_parallel_group()
-        box = [tokens]
-        dist.broadcast_object_list(box, src=dist.get_global_rank(group, ps.get_pipeline_model_parallel_world_size()
-                                                                  - 1), group=group)
-        return box[0]
+        device, b, new = compute_device(), len(prompt_ids), self.cfg.max_response_len
+        lengths = torch.tensor([len(p) for p in prompt_ids], dtype=torch.long, device=HOST)
+        width = int(lengths.max())
+        ids = torch.full((b, width + new), self.pad, dtype=torch.long, device=HOST)
+        for i, p in enumerate(prompt_ids):
+            ids[i, :len(p)] = torch.tensor(p, dtype=torch.long, device=HOST)
+        ids, lengths = ids.to(device), lengths.to(device)
+        seeds_t = torch.tensor(seeds, dtype=torch.int64, device=device)
+        rows = torch.arange(b, device=device)
+        out = torch.full((b, new), -1, dtype=torch.long, device=device)
+        done = torch.zeros(b, dtype=torch.bool, device=device)
+        for t in range(new):
+            z = last_logits(self.chunks, ids[:, :width + t], lengths + t, self.vocab_size)
+            nxt = sample_next(z, temperature=temperature, top_p=self.cfg.top_p, seeds=seeds_t, step=t) \
+                if z is not None else torch.empty(b, dtype=torch.long, device=device)
+            nxt = _from_last_stage(nxt)
+            out[:, t] = torch.where(done, -1, nxt)
+            ids[rows, lengths + t] = torch.where(done, self.pad, nxt)
+            done |= nxt == self.eos
+            if (t + 1) % _CHECK_EVERY == 0 and bool(done.all()):
+                break
+        return [[tok for tok in row if tok >= 0] for row in out.tolist()]
 
     def generate(self, prompts, n, *, step, temperature=None):
         from megatron.core import parallel_state as ps

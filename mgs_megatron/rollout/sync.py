@@ -29,6 +29,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
+from mgs_megatron.devices import collective_device
 from mgs_megatron.megatron.stream import iter_hf_weights
 from mgs_megatron.models import hf_shapes
 from mgs_megatron.rollout.config import RolloutError, SyncStats, dtype_of
@@ -125,7 +126,7 @@ def _agree_on_failure(failure: Optional[BaseException]) -> Optional[BaseExceptio
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return failure
-    flag = torch.tensor([1 if failure is not None else 0])
+    flag = torch.tensor([1 if failure is not None else 0], device=collective_device())
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     if flag.item() and failure is None:
         return RolloutError("weight sync failed on another rank")

@@ -31,14 +31,14 @@ def domain_orders(seed: int, step: int, module_keys: torch.Tensor, K: int) -> to
     """
     keys = module_keys.to(torch.int64).cpu()
     M = keys.numel()
-    t = lambda v: torch.tensor(v & _M32, dtype=torch.int64)  # noqa: E731
+    t = lambda v: torch.tensor(v & _M32, dtype=torch.int64, device="cpu")  # noqa: E731
     h = _mix32(_mix32(t(seed) ^ _mix32(t(seed >> 32))) ^ t(step))
     h = _mix32(h ^ _mix32(t(step >> 32)))
     h = _mix32(h ^ (keys & _M32)).view(M, 1, 1)
     h = _mix32(h ^ ((keys >> 32) & _M32).view(M, 1, 1))
-    i = torch.arange(K, dtype=torch.int64)
+    i = torch.arange(K, dtype=torch.int64, device="cpu")
     h = _mix32(h ^ (i.view(1, K, 1) * 1024 + i.view(1, 1, K) + 0x9E3779B9) & _M32)
-    h = torch.where(torch.eye(K, dtype=torch.bool).view(1, K, K), torch.full_like(h, 1 << 40), h)
+    h = torch.where(torch.eye(K, dtype=torch.bool, device="cpu").view(1, K, K), torch.full_like(h, 1 << 40), h)
     return torch.sort(h, dim=-1, stable=True).indices[..., : K - 1]
 
 
@@ -83,7 +83,7 @@ class PCGradRule(Rule):
         g = G.detach().to(torch.float64).cpu()
         order = domain_orders(self.seed, step, module_keys, K)
         diag = g.diagonal(dim1=1, dim2=2)
-        A = torch.eye(K, dtype=torch.float64).repeat(M, 1, 1)  # A[m, i] = coefficients of projected g_i
+        A = torch.eye(K, dtype=torch.float64, device="cpu").repeat(M, 1, 1)  # A[m, i] = coefficients of projected g_i
         for t in range(K - 1):
             j = order[:, :, t]  # [M, K]
             d = torch.bmm(A, g).gather(2, j.unsqueeze(2)).squeeze(2)  # <a_i g, g_j>
@@ -114,9 +114,9 @@ class GradVacRule(Rule):
 
     def __init__(self, seed: int = 0, eps: float = 0.0, beta: float = 0.01):
         self.seed, self.eps, self.beta = int(seed), float(eps), float(beta)
-        self._keys = torch.zeros(0, dtype=torch.int64)  # sorted module keys
+        self._keys = torch.zeros(0, dtype=torch.int64, device="cpu")  # sorted module keys
         self._domains: list = []
-        self._rho = torch.zeros(0, 0, 0, dtype=torch.float64)
+        self._rho = torch.zeros(0, 0, 0, dtype=torch.float64, device="cpu")
 
     def _rows(self, keys: torch.Tensor, domains: Sequence[str]):
         """Indices of (modules, domains) in the state, growing it for new ones (new targets start at 0)."""
@@ -125,12 +125,12 @@ class GradVacRule(Rule):
         if new_d or new_k.numel():
             D0, D1 = len(self._domains), len(self._domains) + len(new_d)
             allk = torch.cat([self._keys, new_k]).unique()  # sorted
-            rho = torch.zeros(allk.numel(), D1, D1, dtype=torch.float64)
+            rho = torch.zeros(allk.numel(), D1, D1, dtype=torch.float64, device="cpu")
             if self._keys.numel():
                 rho[torch.searchsorted(allk, self._keys), :D0, :D0] = self._rho
             self._keys, self._domains, self._rho = allk, self._domains + new_d, rho
         rows = torch.searchsorted(self._keys, keys)
-        cols = torch.tensor([self._domains.index(d) for d in domains], dtype=torch.int64)
+        cols = torch.tensor([self._domains.index(d) for d in domains], dtype=torch.int64, device="cpu")
         return rows, cols
 
     def weights(self, G, module_keys, step, domains=None):
@@ -144,9 +144,9 @@ class GradVacRule(Rule):
         g = G.detach().to(torch.float64).cpu()
         order = domain_orders(self.seed, step, keys, K)
         gn = g.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt()  # |g_j|
-        A = torch.eye(K, dtype=torch.float64).repeat(M, 1, 1)
-        seen = torch.zeros(M, K, K, dtype=torch.float64)
-        valid = torch.zeros(M, K, K, dtype=torch.bool)
+        A = torch.eye(K, dtype=torch.float64, device="cpu").repeat(M, 1, 1)
+        seen = torch.zeros(M, K, K, dtype=torch.float64, device="cpu")
+        valid = torch.zeros(M, K, K, dtype=torch.bool, device="cpu")
         for t in range(K - 1):
             j = order[:, :, t].unsqueeze(2)
             AG = torch.bmm(A, g)

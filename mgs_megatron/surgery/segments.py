@@ -48,7 +48,7 @@ class Segments:
     @cached_property  # computed once per Segments (frozen dataclass without slots)
     def module_keys(self) -> torch.Tensor:
         """int64 [M] stable keys (see layout.module_key) for rule ordering and rule state."""
-        return torch.tensor([module_key(n) for n in self.module_names], dtype=torch.int64)
+        return torch.tensor([module_key(n) for n in self.module_names], dtype=torch.int64, device="cpu")
 
     @cached_property  # computed once per Segments (frozen dataclass without slots)
     def module_types(self) -> Tuple[str, ...]:

@@ -38,7 +38,7 @@ def surgery_tensors(G: torch.Tensor, W: torch.Tensor) -> Dict[str, torch.Tensor]
 def _group(labels):
     names = sorted(set(labels))
     idx = {n: i for i, n in enumerate(names)}
-    return names, torch.tensor([idx[x] for x in labels], dtype=torch.int64)
+    return names, torch.tensor([idx[x] for x in labels], dtype=torch.int64, device="cpu")
 
 
 def surgery_stats(G: torch.Tensor, W: torch.Tensor, modules: Union[Segments, Sequence[str]],
@@ -58,12 +58,12 @@ def surgery_stats(G: torch.Tensor, W: torch.Tensor, modules: Union[Segments, Seq
     groups.append(_group(labels))
     lay = [f"layer.{x}" for x in layer_of if x is not None]
     if lay:
-        sel = torch.tensor([x is not None for x in layer_of])
+        sel = torch.tensor([x is not None for x in layer_of], device="cpu")
         gn, gi = _group(lay)
-        full = torch.full((M,), -1, dtype=torch.int64)
+        full = torch.full((M,), -1, dtype=torch.int64, device="cpu")
         full[sel] = gi
         groups.append((gn, full))
-    groups.append((["all"], torch.zeros(M, dtype=torch.int64)))
+    groups.append((["all"], torch.zeros(M, dtype=torch.int64, device="cpu")))
     pairs = [(a, b) for a in range(K) for b in range(a + 1, K)]
     out: Dict[str, float] = {f"{prefix}/num_modules": float(M), f"{prefix}/num_domains": float(K)}
     keys, vals = [], []
@@ -71,11 +71,12 @@ def surgery_stats(G: torch.Tensor, W: torch.Tensor, modules: Union[Segments, Seq
         sel = gidx >= 0
         T = len(gnames)
         gi = gidx[sel]
-        Gt = torch.zeros(T, K, K, dtype=torch.float64).index_add_(0, gi, g[sel])
-        cnt = torch.zeros(T, dtype=torch.float64).index_add_(0, gi, torch.ones(gi.numel(), dtype=torch.float64))
-        conf = torch.zeros(T, K, K, dtype=torch.float64).index_add_(0, gi, (g[sel] < 0).double())
-        qs = torch.zeros(T, dtype=torch.float64).index_add_(0, gi, q_sum[sel])
-        qa = torch.zeros(T, dtype=torch.float64).index_add_(0, gi, q_after[sel])
+        Gt = torch.zeros(T, K, K, dtype=torch.float64, device="cpu").index_add_(0, gi, g[sel])
+        ones = torch.ones_like(gi, dtype=torch.float64)
+        cnt = torch.zeros(T, dtype=torch.float64, device="cpu").index_add_(0, gi, ones)
+        conf = torch.zeros(T, K, K, dtype=torch.float64, device="cpu").index_add_(0, gi, (g[sel] < 0).double())
+        qs = torch.zeros(T, dtype=torch.float64, device="cpu").index_add_(0, gi, q_sum[sel])
+        qa = torch.zeros(T, dtype=torch.float64, device="cpu").index_add_(0, gi, q_after[sel])
         nrm = Gt.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt()
         for t, gname in enumerate(gnames):
             for a, b in pairs:
@@ -93,7 +94,8 @@ def surgery_stats(G: torch.Tensor, W: torch.Tensor, modules: Union[Segments, Seq
         keys.append(f"{prefix}/conflicts/{domains[a]}-{domains[b]}")
         vals.append((g[:, a, b] < 0).double().sum())
     if vals:  # one conversion at the end, no per-entry .item()
-        out.update(zip(keys, torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in vals]).tolist()))
+        stacked = torch.stack([torch.as_tensor(v, dtype=torch.float64, device="cpu") for v in vals])
+        out.update(zip(keys, stacked.tolist()))
     if extra:
         out.update({f"{prefix}/{k}": float(v) for k, v in extra.items()})
     return out

@@ -11,12 +11,14 @@ from pathlib import Path
 import torch
 
 from mgs_megatron.convert.canonical import read_model_config
+from mgs_megatron.devices import HOST
 from mgs_megatron.errors import ConversionError
 
 
 def prompts(vocab_size: int, n: int = 3, seq: int = 16, seed: int = 0) -> torch.Tensor:
     """A few fixed pseudo-random prompts (token ids) of the model's vocabulary."""
-    return torch.randint(0, vocab_size, (n, seq), generator=torch.Generator().manual_seed(seed))
+    gen = torch.Generator(device=HOST).manual_seed(seed)
+    return torch.randint(0, vocab_size, (n, seq), generator=gen, device=HOST)
 
 
 def _rank_logits(mcore_dir: str, ids: list) -> list | None:
@@ -30,7 +32,7 @@ def _rank_logits(mcore_dir: str, ids: list) -> list | None:
     par = ParallelConfig(ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())
     chunks = [build_gpt_model(cfg, par)]
     load_weights(chunks, mcore_dir)
-    out = megatron_logits(chunks, torch.tensor(ids), cfg.vocab_size)
+    out = megatron_logits(chunks, torch.tensor(ids, device=HOST), cfg.vocab_size)
     return None if out is None else out.tolist()
 
 
@@ -47,7 +49,7 @@ def check_logits(hf_dir, mcore_dir, *, tp: int = 1, pp: int = 1, tol: float = 1e
         ref = hf(ids).logits.float()
     results = run_distributed(_rank_logits, Layout(tp=tp, pp=pp), str(Path(mcore_dir).absolute()), ids.tolist(),
                               timeout=timeout)
-    got = torch.tensor(next(r for r in results if r is not None))
+    got = torch.tensor(next(r for r in results if r is not None), device=HOST)
     diff = (got - ref).abs().max().item()
     if not diff <= tol:
         raise ConversionError(f"logit check failed at tp={tp} pp={pp}: max |HF - Megatron| = {diff:.3g} > {tol}")

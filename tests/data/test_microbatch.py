@@ -48,7 +48,7 @@ def test_tiny_domain_gives_empty_microbatch_on_extra_ranks():
 def test_pack_sequences_shifts_targets_and_masks_response_tokens():
     import torch
 
-    from mgs_megatron.data import pack_sequences
+    from mgs_megatron.megatron.schedule import pack_sequences
 
     b = pack_sequences([([1, 2, 3, 4, 5], 2), ([7, 8, 9], 1)], micro_batch_size=3, seq_len=5, pad=0)
     assert b["tokens"].tolist() == [[1, 2, 3, 4, 0], [7, 8, 0, 0, 0], [0, 0, 0, 0, 0]]

@@ -107,6 +107,7 @@ def _setup(hf_sd, dist_opt: bool, overlap: bool = False, per_token: bool = True,
     from megatron.core.distributed import DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig
 
+    from mgs_megatron.devices import compute_device
     from mgs_megatron.megatron.model import ParallelConfig, PrecisionConfig, build_gpt_model
     from mgs_megatron.megatron.optim import build_optimizer, wrap_ddp
     from mgs_megatron.megatron.state import load_full_state_dict
@@ -118,11 +119,12 @@ def _setup(hf_sd, dist_opt: bool, overlap: bool = False, per_token: bool = True,
     parallel = ParallelConfig(ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
                               vpp)
     precision = PrecisionConfig(params_dtype=params_dtype, calculate_per_token_loss=per_token)
-    models = [build_gpt_model(cfg, parallel, precision, vp_stage=v) for v in range(vpp or 1)]
+    device = compute_device().type  # cpu here; cuda in tests/gpu (the same helpers, one GPU)
+    models = [build_gpt_model(cfg, parallel, precision, device=device, vp_stage=v) for v in range(vpp or 1)]
     load_full_state_dict(models, convert_hf_state_dict(hf_sd, cfg))
     chunks = wrap_ddp(models, DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=overlap, use_distributed_optimizer=dist_opt,
-        bucket_size=2048 if overlap else None))
+        bucket_size=2048 if overlap else None), device=device)
     optimizer = build_optimizer(chunks, OptimizerConfig(
         optimizer="adam", lr=LR, adam_eps=ADAM_EPS, weight_decay=0.0, clip_grad=CLIP,
         use_distributed_optimizer=dist_opt, bf16=params_dtype == torch.bfloat16,

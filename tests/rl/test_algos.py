@@ -71,12 +71,14 @@ def test_low_var_kl_k3():
 
 
 def test_entropy_and_logprobs():
+    """The one implementation (megatron/vocab_parallel.py) on a hand-computed case, at TP 1 (no group)."""
+    from mgs_megatron.megatron.vocab_parallel import token_logprobs
+
     logits = torch.tensor([[[0.0, 0.0], [math.log(3.0), 0.0]]])
-    ent = algos.entropy_from_logits(logits)
+    lp, ent = token_logprobs(logits, torch.tensor([[1, 0]]), vocab_size=2, group=False, vocab_start=0)
     assert ent[0, 0].item() == pytest.approx(math.log(2))
     p = torch.tensor([0.75, 0.25])
     assert ent[0, 1].item() == pytest.approx(float(-(p * p.log()).sum()), abs=1e-6)
-    lp = algos.token_logprobs_from_logits(logits, torch.tensor([[1, 0]]))
     assert torch.allclose(lp, torch.tensor([[math.log(0.5), math.log(0.75)]]))
 
 
