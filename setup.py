@@ -45,5 +45,6 @@ setup(
     python_requires=">=3.10",
     install_requires=BASE,
     extras_require=EXTRAS,
-    entry_points={"console_scripts": ["mgs-train=mgs_megatron.rl.cli:main"]},
+    entry_points={"console_scripts": ["mgs-train=mgs_megatron.rl.cli:main",
+                                      "mgs-compare=mgs_megatron.rl.compare:main"]},
 )

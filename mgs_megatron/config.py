@@ -44,8 +44,8 @@ def _convert(key: str, value: Any, tp: Any) -> Any:
                 return _convert(key, value, a)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"config key '{key}': {value!r} fits none of "
-                          f"{[getattr(a, '__name__', str(a)) for a in options]}")
+        raise ConfigError(errors[0] if len(errors) == 1 else f"config key '{key}': {value!r} is not "
+                          + " or ".join(_type_name(a) for a in options))
     if origin is Literal:
         if any(value == a and type(value) is type(a) for a in args):
             return value
@@ -181,12 +181,13 @@ def _type_name(tp: Any) -> str:
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in args)
     if origin is typing.Union:
-        return " or ".join(_type_name(a) for a in args if a is not type(None)) + " or null"
+        names = " or ".join(_type_name(a) for a in args if a is not type(None))
+        return names + (" or null" if type(None) in args else "")
     if origin in (list, tuple):
         return f"list of {_type_name(args[0])}" if args else "list"
     if origin is dict:
         return f"mapping of {_type_name(args[1])}" if len(args) == 2 else "mapping"
-    return getattr(tp, "__name__", str(tp))
+    return {float: "a number", int: "an int", str: "a string", bool: "a bool"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
 def _flow(value: Any) -> str:

@@ -1,8 +1,9 @@
 """The prompt sampler: which prompts of which domains go into each step.
 
-Mixed (strategies mixed and mgs), allocation="quota" (default): every step gets round(prompts_per_step * p_d)
+Mixed (strategies mixed and mgs), mix="quota" (default): every step gets round(prompts_per_step * p_d)
 prompts of domain d, with a carried remainder ("credit") so long-run counts are exact and every domain with
-p_d * N >= 1 appears each step (MGS needs every domain's gradient each step). allocation="multinomial": counts ~
+p_d * N >= 1 appears each step (MGS needs every domain's gradient each step). mix="random": each prompt's domain
+is drawn at random with probability p_d (the official code's WeightedRandomSampler), i.e. counts ~
 Multinomial(N, p), drawn from a generator seeded by (seed, step). Sequential (the paper's Sequential RL baseline):
 one domain per step, following `stages`.
 Within a domain prompts are drawn without replacement, in an order reshuffled every epoch from
@@ -31,9 +32,9 @@ class DataConfig:
     """Share of each domain per step ({} = equal over the domains found); a domain absent here is not trained."""
     prompts_per_step: int = 6
     """Prompts per step over all domains (each gets rollout.n samples)."""
-    allocation: Literal["quota", "multinomial"] = "quota"
-    """'quota': exact per-step counts with carried remainders (every domain every step); 'multinomial': counts
-    drawn per step."""
+    mix: Literal["quota", "random"] = "quota"
+    """'quota': exact per-step counts with carried remainders (every domain every step); 'random': each prompt's
+    domain drawn at random with the proportions (the official code; a domain may be absent from a step)."""
     stages: list = field(default_factory=list)
     """Strategy 'sequential': [[domain, num_steps], ...] in order (the last stage continues); [] = each domain for
     steps_per_stage steps in proportions order."""
@@ -73,8 +74,8 @@ class PromptSampler:
                  seed: int = 0, schedule: str = "mixed"):
         if schedule not in ("mixed", "sequential"):
             raise ValueError(f"schedule must be 'mixed' or 'sequential', got {schedule!r}")
-        if config.allocation not in ("quota", "multinomial"):
-            raise ValueError(f"allocation must be 'quota' or 'multinomial', got {config.allocation!r}")
+        if config.mix not in ("quota", "random"):
+            raise ValueError(f"mix must be 'quota' or 'random', got {config.mix!r}")
         self.config, self.seed, self.schedule = config, seed, schedule
         self.data = data if data is not None else load_sources(
             [s if isinstance(s, (SourceConfig, str)) else SourceConfig(**s) for s in config.sources])
@@ -107,7 +108,7 @@ class PromptSampler:
         n = self.config.prompts_per_step
         if self.schedule == "sequential":
             return {self.stage_domain(self.step): n}
-        if self.config.allocation == "multinomial":
+        if self.config.mix == "random":
             rng = np.random.default_rng([self.seed, self.step, 0x6D6773])
             c = rng.multinomial(n, self.p)
         else:

@@ -106,6 +106,7 @@ class ModularGradientSurgery:
         self._active: Optional[str] = None
         self._present: list[str] = []
         self._reduced = False
+        self._skip = False  # the last surgery found a non-finite gradient under on_nonfinite="skip_step"
         self.per_token = bool(getattr(chunks[0].config, "calculate_per_token_loss", False))
         self._install_finalize_hook()
         self._ranges = self._owned_ranges(param_layouts(chunks, model_config))
@@ -269,12 +270,17 @@ class ModularGradientSurgery:
         dist.all_reduce(G)  # one all-reduce: the Gram of every module, plus the step's token count
         scale = 1.0 / max(float(G[-1]), 1.0) if self.per_token else 1.0
         Gv = G[:-1].view(M, K, K).to(torch.float32)
-        W, nonfinite = weights_from_gram(self.rule, Gv, self.module_segments, self.step_count, domains,
-                                         self.config.on_nonfinite)
-        Ws = (W * scale).to(torch.float32)
-        for r in self._ranges:
-            combine(r.seg_all, self._slice(rows, r.stash_offset, r.stash_offset + r.view.numel()), Ws, r.view,
-                    kernel=self.config.kernel)
+        finite = torch.isfinite(Gv).flatten(1).all(1)
+        self._skip = self.config.on_nonfinite == "skip_step" and not bool(finite.all())
+        if self._skip:  # no update this step: neither the (stateful) rule nor the grad buffers are touched
+            W, nonfinite = torch.ones(M, K, dtype=Gv.dtype, device=Gv.device), int((~finite).sum())
+        else:
+            W, nonfinite = weights_from_gram(self.rule, Gv, self.module_segments, self.step_count, domains,
+                                             self.config.on_nonfinite)
+            Ws = (W * scale).to(torch.float32)
+            for r in self._ranges:
+                combine(r.seg_all, self._slice(rows, r.stash_offset, r.stash_offset + r.view.numel()), Ws, r.view,
+                        kernel=self.config.kernel)
         extra = {"stash_bytes": float(self._stash.numel() * self._stash.element_size()),
                  "allreduce_bytes": float(G.numel() * G.element_size()),
                  "nonfinite_modules": float(nonfinite), "num_domains": float(K),
@@ -284,9 +290,16 @@ class ModularGradientSurgery:
         return stats
 
     def step(self):
-        """Surgery, then the optimizer's own clip + step. Returns (ok, grad_norm, num_zeros, stats)."""
+        """Surgery, then the optimizer's own clip + step. Returns (ok, grad_norm, num_zeros, stats). With
+        on_nonfinite="skip_step" a non-finite gradient skips the update (ok=False; parameters, optimizer state and
+        the rule's state untouched) and the step counts."""
         stats = self.surgery()
-        ok, grad_norm, num_zeros = self.optimizer.step()
+        if self._skip:
+            for c in self.chunks:
+                c.zero_grad_buffer()
+            ok, grad_norm, num_zeros = False, None, None
+        else:
+            ok, grad_norm, num_zeros = self.optimizer.step()
         self.step_count += 1
         self._present.clear()
         self._local_tokens.zero_()

@@ -5,21 +5,26 @@ Everything here is plain torch and framework-free; the trainer composes:
 
     adv = compute_advantage("grpo", rewards, group_ids, norm_std=True)            # [B]
     keep = nonzero_variance_groups(rewards, group_ids)                             # [B] bool
-    pg, pg_metrics = policy_loss("clip", logp, old_logp, adv[:, None] * mask, mask, clip_low, clip_high)
+    pg, pg_metrics = policy_loss("clip", logp, old_logp, adv[:, None] * mask, mask, clip_low, clip_high)  # [B, T]
     kl = kl_penalty("low_var_kl", logp, ref_logp)                                 # [B, T]
-    loss = pg + kl_coef * masked_sum(kl, mask) - entropy_coef * masked_sum(entropy, mask)
+    per_token = pg + kl_coef * kl - entropy_coef * entropy
+    num, count = loss_terms(per_token, mask, "seq-mean-token-mean")              # one micro-batch's share
 
-Losses are returned as SUMS over masked tokens: the caller divides by the step's *global* token count
-("token-mean" over the whole step, across domains and ranks), which is what makes MGS's per-domain gradients sum
-exactly to the Mixed-RL gradient. `agg_loss(..., "token-mean")` is the local convenience version.
+Loss aggregation (verl's loss_agg_mode) is split into a numerator and a count per micro-batch: the step's loss is
+sum(numerators) / sum(counts) over every micro-batch of every rank and domain, the count being tokens
+("token-mean") or sequences ("seq-mean-*"). Megatron divides by the global count (calculate_per_token_loss), and so
+does MGS for the sum of its per-domain gradients: rule "sum" is exactly the Mixed-RL step in every mode.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Sequence
+from typing import Callable, Dict, Literal, Sequence, Union, get_args
 
 import torch
+
+LossAggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+LOSS_AGG_MODES = get_args(LossAggMode)
 
 ADVANTAGE_ESTIMATORS: Dict[str, Callable] = {}
 POLICY_LOSSES: Dict[str, Callable] = {}
@@ -75,6 +80,14 @@ class AlgoConfig:
     """KL estimator (registry KL_ESTIMATORS: 'low_var_kl' = 'k3', 'k1', 'abs', 'mse')."""
     entropy_coef: float = 0.001
     """Weight of the entropy bonus."""
+    loss_agg_mode: LossAggMode = "token-mean"
+    """How token losses make the step's loss: 'token-mean' (over all tokens of the step), 'seq-mean-token-mean'
+    (each sequence's token mean, averaged over the step's sequences: the paper's official code),
+    'seq-mean-token-sum', 'seq-mean-token-sum-norm' (Dr. GRPO: token sums over a constant, the max response
+    length). Every mode is normalised by the step's global count, so MGS rule 'sum' equals the Mixed step."""
+    logprob_temperature: Union[float, Literal["rollout"]] = "rollout"
+    """Log-probs, ratios, KL and entropy are of softmax(logits / T): 'rollout' = the rollout temperature (the
+    distribution that was sampled, as the official code does); a number for another T (1.0 = raw logits)."""
     filter_zero_variance: bool = False
     """Drop groups whose rewards are all equal (they carry no GRPO signal)."""
 
@@ -85,6 +98,8 @@ class AlgoConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {sorted(table)}")
         if self.clip_low < 0 or self.clip_high < 0:
             raise ValueError(f"clip_low={self.clip_low} / clip_high={self.clip_high} must be >= 0")
+        if self.logprob_temperature != "rollout" and not self.logprob_temperature > 0:
+            raise ValueError(f"logprob_temperature={self.logprob_temperature!r} must be > 0 or 'rollout'")
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -96,17 +111,36 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, eps: float = 0.0) -> torch.
     return (x * mask).sum() / (mask.sum() + eps) if eps else (x * mask).sum() / mask.sum().clamp_min(1.0)
 
 
-def agg_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean") -> torch.Tensor:
-    """token-mean: sum / #tokens; seq-mean-token-mean: mean over sequences of each sequence's token mean;
-    token-sum: the plain masked sum."""
+def loss_terms(per_token: torch.Tensor, mask: torch.Tensor, mode: str, horizon: int = 1
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(numerator, count) of one micro-batch [B, T] under `mode`; the loss over a step is sum(num) / sum(count).
+
+      token-mean               sum_s sum_t l / (tokens)                      num = sum_s sum_t l,  count = tokens
+      seq-mean-token-mean      (1/B) sum_s (1/|s|) sum_t l  (the paper's)    num = sum_s mean_t l, count = B
+      seq-mean-token-sum       (1/B) sum_s sum_t l                           num = sum_s sum_t l,  count = B
+      seq-mean-token-sum-norm  (1/B) sum_s sum_t l / horizon (Dr. GRPO)      num = sum_s sum_t l / horizon
+    B counts sequences with at least one response token (padding rows do not count); horizon is a constant (the
+    maximum response length), so the normaliser does not change during training.
+    """
     if mode == "token-mean":
-        return masked_mean(per_token, mask)
+        return masked_sum(per_token, mask), mask.sum()
+    seq_tokens = mask.sum(-1)
+    seq_sum = (per_token * mask).sum(-1)
+    count = (seq_tokens > 0).to(per_token.dtype).sum()
     if mode == "seq-mean-token-mean":
-        per_seq = (per_token * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)
-        return per_seq.mean()
-    if mode == "token-sum":
-        return masked_sum(per_token, mask)
-    raise KeyError(f"unknown loss aggregation {mode!r}")
+        return (seq_sum / seq_tokens.clamp_min(1.0)).sum(), count
+    if mode == "seq-mean-token-sum":
+        return seq_sum.sum(), count
+    if mode == "seq-mean-token-sum-norm":
+        return seq_sum.sum() / horizon, count
+    raise ValueError(f"unknown loss_agg_mode {mode!r}; expected one of {LOSS_AGG_MODES}")
+
+
+def agg_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean", horizon: int = 1
+             ) -> torch.Tensor:
+    """The aggregated loss of one (whole) batch: numerator / count of `loss_terms`."""
+    num, count = loss_terms(per_token, mask, mode, horizon)
+    return num / count.clamp_min(1.0)
 
 
 def _group_index(group_ids: Sequence, device) -> tuple[torch.Tensor, int]:
@@ -168,10 +202,10 @@ def nonzero_variance_groups(scores: torch.Tensor, group_ids: Sequence, tol: floa
 @register_policy_loss("clip")
 def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                         clip_low: float = 0.2, clip_high: float = 0.2):
-    """PPO clipped surrogate with separate low/high clip (DAPO's clip-higher), summed over masked tokens.
+    """PPO clipped surrogate with separate low/high clip (DAPO's clip-higher), per token.
 
-    per token: -min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A); returns (sum, metrics) where
-    metrics hold sums (clipfrac numerator, approx-KL numerator) so they can be reduced globally too.
+    per token: -min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A); returns (per-token loss [B, T],
+    metrics) where metrics hold masked sums (clipfrac numerator, approx-KL numerator) to be reduced globally.
     """
     log_ratio = (logp - old_logp).clamp(-20.0, 20.0)
     ratio = log_ratio.exp()
@@ -180,7 +214,7 @@ def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: 
     per_token = torch.maximum(unclipped, clipped)
     clipfrac = ((clipped > unclipped).to(per_token.dtype) * mask).sum()
     approx_kl = (-log_ratio * mask).sum()  # E_old[log old - log new] numerator
-    return masked_sum(per_token, mask), {"clipfrac_sum": clipfrac.detach(), "ppo_kl_sum": approx_kl.detach()}
+    return per_token, {"clipfrac_sum": clipfrac.detach(), "ppo_kl_sum": approx_kl.detach()}
 
 
 def policy_loss(name: str, *args, **kw):
@@ -221,4 +255,4 @@ __all__ = ["AlgoConfig", "ADVANTAGE_ESTIMATORS", "POLICY_LOSSES", "KL_ESTIMATORS
            "register_policy_loss",
            "register_kl", "compute_advantage", "grpo_advantage", "rloo_advantage", "group_stats",
            "nonzero_variance_groups", "policy_loss", "clipped_policy_loss", "kl_penalty", "kl_low_var",
-           "masked_sum", "masked_mean", "agg_loss"]
+           "masked_sum", "masked_mean", "agg_loss", "loss_terms", "LOSS_AGG_MODES"]

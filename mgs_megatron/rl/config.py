@@ -156,8 +156,14 @@ class TrainConfig:
     """Supervised warm-up (toy job)."""
 
     def __post_init__(self):
+        from mgs_megatron.rl.losses import training_temperature
+
         if not self.data.sources:
             raise ConfigError("config key 'data.sources': no prompt data given")
+        try:
+            training_temperature(self.algo, self.rollout.temperature)
+        except ValueError as e:
+            raise ConfigError(f"config key 'algo.logprob_temperature': {e}") from None
 
     def to_dict(self) -> dict:
         return to_tree(self)

@@ -20,7 +20,7 @@ from mgs_megatron.megatron.model import PrecisionConfig, build_gpt_model
 from mgs_megatron.megatron.optim import make_trainable
 from mgs_megatron.megatron.schedule import forward_backward, pad_batches, sum_reported
 from mgs_megatron.models import ModelConfig
-from mgs_megatron.rl.losses import STAT_NAMES, make_rl_loss
+from mgs_megatron.rl.losses import STAT_NAMES, make_rl_loss, training_temperature
 
 
 def precision_of(cfg) -> PrecisionConfig:
@@ -77,7 +77,9 @@ class Policy:
                                                      device=device)
         self.mgs = ModularGradientSurgery(self.chunks, self.optimizer, cfg.mgs, domains, model_config=model_cfg) \
             if cfg.strategy == "mgs" else None
-        self.loss_fn = make_rl_loss(cfg.algo, model_cfg.vocab_size)
+        self.temperature = training_temperature(cfg.algo, cfg.rollout.temperature)
+        self.loss_fn = make_rl_loss(cfg.algo, model_cfg.vocab_size, self.temperature,
+                                    horizon=cfg.rollout.max_response_len)
 
     def _frozen_copy(self, model, cfg, precision) -> list:
         ref = build_gpt_model(self.model_cfg, cfg.parallel, precision, device=self.device, initialize=False)
@@ -91,10 +93,10 @@ class Policy:
     # ------------------------------------------------------------------------------------------------ logprobs
     def token_logprobs(self, sequences, prompt_lens, *, reference: bool = False) -> list[torch.Tensor]:
         """Per-token logprobs of each sequence's response under the policy (or the reference; the policy when
-        there is no reference model), on every rank."""
+        there is no reference model) at the training temperature, on every rank."""
         chunks = self.ref if reference and self.ref is not None else self.chunks
         return sequence_logprobs(chunks, sequences, prompt_lens, self.model_cfg.vocab_size,
-                                 micro_batch_size=self.micro_batch_size)
+                                 temperature=self.temperature, micro_batch_size=self.micro_batch_size)
 
     # ------------------------------------------------------------------------------------------------ update
     def update(self, groups: dict, pad: int) -> dict:

@@ -90,7 +90,7 @@ class Trainer:
         self.backend = build_backend(  # starts from the resumed weights
             cfg.rollout, chunks=self.policy.chunks, model_cfg=self.model_cfg, tokenizer=self.tokenizer,
             seed=cfg.run.seed, device=self.device, workdir=self.out, hf_config=self.hf_config,
-            hf_side_dir=cfg.model.tokenizer or cfg.model.path)
+            hf_side_dir=cfg.model.tokenizer or cfg.model.path, logprob_temperature=self.policy.temperature)
         self.writer = MetricsWriter.for_run(cfg, self.out) if self.is_main else None
 
     # ================================================================================================ one step

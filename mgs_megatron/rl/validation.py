@@ -1,7 +1,9 @@
-"""Greedy validation on held-out prompts: val/<domain>/reward, at step 0, every run.val_every steps and at the end."""
+"""Greedy validation on held-out prompts: val/<domain>/reward (and val/<domain>/acc where full marks mean correct),
+at step 0, every run.val_every steps and at the end."""
 
 from __future__ import annotations
 
+from mgs_megatron.rl.metrics import accuracy
 from mgs_megatron.rl.scoring import score_rollouts
 
 _VAL_STEP_OFFSET = 10 ** 6  # validation requests draw seeds apart from training steps' (greedy anyway)
@@ -34,6 +36,9 @@ class Validator:
             s = [sc for sc, ro in zip(scores, rollouts) if self.prompts[ro.prompt_index].domain == d]
             if s:
                 out[f"val/{d}/reward"] = sum(s) / len(s)
+                threshold = rewards.accuracy_threshold(d)
+                if threshold is not None:
+                    out[f"val/{d}/acc"] = accuracy(s, threshold)
         return out
 
 

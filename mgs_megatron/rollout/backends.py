@@ -137,11 +137,13 @@ class VLLMBackend(RolloutBackend):
     """A vLLM engine per rank (rollout/engine.py), started from an HF export of the current weights and kept in sync
     in place after every optimizer step (rollout/sync.py)."""
 
-    def __init__(self, cfg: RolloutConfig, hf_dir: str, chunks, model_cfg, *, seed: int, device: str):
+    def __init__(self, cfg: RolloutConfig, hf_dir: str, chunks, model_cfg, *, seed: int, device: str,
+                 logprobs_mode: str = "processed_logprobs"):
         from mgs_megatron.rollout.engine import RolloutEngine
 
         self.cfg, self.chunks, self.model_cfg = cfg, chunks, model_cfg
-        self.engine = RolloutEngine(hf_dir, cfg, seed=seed, device=device, tokenizer=hf_dir)
+        self.engine = RolloutEngine(hf_dir, cfg, seed=seed, device=device, tokenizer=hf_dir,
+                                    logprobs_mode=logprobs_mode)
 
     def generate(self, prompts, n, *, step, temperature=None):
         world = dist.get_world_size() if dist.is_initialized() else 1
@@ -165,13 +167,16 @@ class VLLMBackend(RolloutBackend):
 
 
 def build_backend(cfg: RolloutConfig, *, chunks, model_cfg, tokenizer, seed: int, device: str, workdir: Path,
-                  hf_config: dict, hf_side_dir: Optional[str]) -> RolloutBackend:
+                  hf_config: dict, hf_side_dir: Optional[str], logprob_temperature: float) -> RolloutBackend:
     """The configured backend; vLLM starts from an HF export of the live weights in `workdir`/rollout_init (which
-    also carries the tokenizer files)."""
+    also carries the tokenizer files) and reports log-probs of the distribution the trainer's log-probs refer to
+    (softmax(logits / logprob_temperature): the sampled one when that is the rollout temperature, else the raw
+    logits' when it is 1)."""
     if cfg.backend == "megatron":
         return MegatronBackend(cfg, chunks, tokenizer, model_cfg.vocab_size, seed=seed)
     from mgs_megatron.weights import export_hf
 
     hf_dir = Path(workdir) / "rollout_init"
     export_hf(chunks, model_cfg, hf_dir, hf_config=hf_config, overwrite=True, hf_side_dir=hf_side_dir)
-    return VLLMBackend(cfg, str(hf_dir), chunks, model_cfg, seed=seed, device=device)
+    mode = "processed_logprobs" if logprob_temperature == cfg.temperature else "raw_logprobs"
+    return VLLMBackend(cfg, str(hf_dir), chunks, model_cfg, seed=seed, device=device, logprobs_mode=mode)

@@ -29,13 +29,13 @@ def _dist_world() -> int:
 
 
 def engine_kwargs(model_path: str, cfg: RolloutConfig, *, seed: int = 0, device: str = "cpu",
-                  tokenizer: Optional[str] = None) -> dict:
+                  tokenizer: Optional[str] = None, logprobs_mode: str = "raw_logprobs") -> dict:
     """Keyword arguments of vllm.LLM for this process (CPU in-process, or SPMD external_launcher in a job)."""
     import torch.distributed as dist
 
     kw = dict(model=str(model_path), tokenizer=str(tokenizer or model_path), dtype=cfg.dtype,
               enforce_eager=cfg.enforce_eager, max_model_len=cfg.max_model_len, seed=seed,
-              max_num_seqs=cfg.max_num_seqs, logprobs_mode="raw_logprobs",  # logprobs before temperature/top-p
+              max_num_seqs=cfg.max_num_seqs, logprobs_mode=logprobs_mode,
               tensor_parallel_size=cfg.rollout_tp)
     if dist.is_available() and dist.is_initialized():
         world = dist.get_world_size()
@@ -59,17 +59,20 @@ def request_seed(base: int, step: int, prompt_index: int) -> int:
 
 
 class RolloutEngine:
-    """One vLLM engine. `seed`: per-request seeds derive from (seed, step, global prompt index)."""
+    """One vLLM engine. `seed`: per-request seeds derive from (seed, step, global prompt index). `logprobs_mode`:
+    the distribution of the log-probs it reports: "raw_logprobs" = softmax(logits), "processed_logprobs" =
+    softmax(logits / temperature), the one sampled (top-p / top-k then renormalise it over the kept tokens)."""
 
     def __init__(self, model_path: str, cfg: RolloutConfig, *, seed: int = 0, device: str = "cpu",
-                 tokenizer: Optional[str] = None):
+                 tokenizer: Optional[str] = None, logprobs_mode: str = "raw_logprobs"):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: tensors pass by reference
         t0 = time.perf_counter()
         from transformers import AutoTokenizer
         from vllm import LLM
 
         self.cfg, self.seed, self.device = cfg, seed, device
-        self.kwargs = engine_kwargs(model_path, cfg, seed=seed, device=device, tokenizer=tokenizer)
+        self.kwargs = engine_kwargs(model_path, cfg, seed=seed, device=device, tokenizer=tokenizer,
+                                    logprobs_mode=logprobs_mode)
         try:
             self.llm = LLM(**self.kwargs)
         except Exception as e:  # noqa: BLE001 - surface vLLM's own message

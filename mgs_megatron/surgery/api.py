@@ -18,8 +18,8 @@ def weights_from_gram(rule: Rule, G: torch.Tensor, segments: Segments, step: int
                       on_nonfinite: str = "error") -> Tuple[torch.Tensor, int]:
     """W[M, K] from the (all-reduced) Gram; returns (W, number of modules with a non-finite Gram).
 
-    on_nonfinite="error": raise ValueError naming the modules and domains. "sum": those modules get W = 1 (the
-    plain sum; the combined gradient stays non-finite so the optimizer's inf/nan check still sees it).
+    on_nonfinite="error": raise ValueError naming the modules and domains. "sum" (and "skip_step", whose caller
+    then skips the update): those modules get W = 1, the plain sum (the combined gradient stays non-finite).
     """
     bad = ~torch.isfinite(G).flatten(1).all(1)
     nbad = int(bad.sum())  # one sync per step, outside any loop

@@ -8,7 +8,7 @@ from .compiled import check_kernel
 from .layout import GRANULARITIES
 from .rules import RULES, Rule, get_rule, rule_options
 
-NonFinitePolicy = Literal["error", "sum"]
+NonFinitePolicy = Literal["error", "skip_step", "sum"]
 NONFINITE_POLICIES = get_args(NonFinitePolicy)
 
 
@@ -29,9 +29,10 @@ class SurgeryConfig:
     gradvac_beta: float = 0.01
     """EMA rate of GradVac's cosine targets."""
     on_nonfinite: NonFinitePolicy = "error"
-    """'error' raises naming the modules and domains with a non-finite Gram entry; 'sum' falls back to the plain
-    sum for those modules (their combined gradient stays non-finite, so the optimizer's own inf/nan check skips the
-    step) and counts them in surgery/nonfinite_modules."""
+    """'error' raises naming the modules and domains with a non-finite Gram entry; 'skip_step' skips the optimizer
+    step (parameters and optimizer state untouched, as the official code does on a non-finite gradient norm);
+    'sum' falls back to the plain sum for those modules (their combined gradient stays non-finite). Non-finite
+    modules are counted in surgery/nonfinite_modules."""
     kernel: Literal["auto", "eager", "compiled"] = "auto"
     """'auto': one-pass torch.compile kernels for runs of >= 1M elements, eager if compilation fails; 'eager':
     batched matmuls only; 'compiled': compiled for every run of >= 8192 elements (a compilation failure raises)."""

@@ -19,10 +19,10 @@ def _uids(batch):
     return [p.uid for p in batch]
 
 
-@pytest.mark.parametrize("allocation", ["quota", "multinomial"])
-def test_proportions_within_sampling_error(allocation):
+@pytest.mark.parametrize("mix", ["quota", "random"])
+def test_proportions_within_sampling_error(mix):
     n_steps, per_step = 400, 10
-    s = PromptSampler(DataConfig(proportions=PROPS, prompts_per_step=per_step, allocation=allocation), DATA, seed=3)
+    s = PromptSampler(DataConfig(proportions=PROPS, prompts_per_step=per_step, mix=mix), DATA, seed=3)
     counts = {d: 0 for d in PROPS}
     for _ in range(n_steps):
         batch = s.next_step()
@@ -33,7 +33,7 @@ def test_proportions_within_sampling_error(allocation):
     for d, p in PROPS.items():
         sigma = math.sqrt(total * p * (1 - p))
         assert abs(counts[d] - total * p) <= 4 * sigma
-        if allocation == "quota":  # exact long-run counts
+        if mix == "quota":  # exact long-run counts
             assert abs(counts[d] - total * p) <= 1
 
 
@@ -52,9 +52,9 @@ def test_without_replacement_within_epoch_and_seeded():
     assert first == _uids(b.next_step()) and first != _uids(c.next_step())
 
 
-@pytest.mark.parametrize("allocation", ["quota", "multinomial"])
-def test_resume_yields_identical_next_prompts(allocation):
-    cfg = DataConfig(proportions=PROPS, prompts_per_step=9, allocation=allocation)
+@pytest.mark.parametrize("mix", ["quota", "random"])
+def test_resume_yields_identical_next_prompts(mix):
+    cfg = DataConfig(proportions=PROPS, prompts_per_step=9, mix=mix)
     s = PromptSampler(cfg, DATA, seed=7)
     for _ in range(13):  # crosses epoch boundaries of the small chat domain
         s.next_step()

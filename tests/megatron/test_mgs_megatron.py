@@ -206,3 +206,50 @@ def _fail_on_rank1():
     if dist.get_rank() == 1:
         raise ValueError("boom")
     return 0
+
+
+def _optimizer_tensors(optimizer) -> list[torch.Tensor]:
+    """Main parameters and every Adam moment, in a fixed order."""
+    out = []
+    for o in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for g in o.optimizer.param_groups:
+            for p in g["params"]:
+                out.append(p.detach().clone())
+                out += [v.detach().clone() for v in o.optimizer.state.get(p, {}).values() if torch.is_tensor(v)]
+    return out
+
+
+def _skip_on_nonfinite(hf_sd):
+    from mgs_megatron import MGSConfig, ModularGradientSurgery
+    from mgs_megatron.megatron.schedule import forward_backward, token_mean_lm_loss
+
+    def nan_loss(per_token_loss, batch):
+        return token_mean_lm_loss(per_token_loss * float("nan"), batch)
+
+    cfg, chunks, optimizer = ex._setup(hf_sd, True)
+    mgs = ModularGradientSurgery(chunks, optimizer, MGSConfig(rule="gradvac", on_nonfinite="skip_step"), DOMAINS,
+                                 model_config=cfg)
+    for d in DOMAINS:
+        with mgs.domain(d):
+            ex._run_domain(chunks, ex._micro_batches(0, d))
+    assert mgs.step()[0]
+    before, state, rule = ex._hf_params(chunks, cfg), _optimizer_tensors(optimizer), mgs.rule.state_dict()
+    for d in DOMAINS:
+        with mgs.domain(d):
+            mbs = ex._micro_batches(1, d)
+            forward_backward(chunks, mbs, num_microbatches=len(mbs), seq_length=ex.SEQ, micro_batch_size=ex.MBS,
+                             loss_fn=nan_loss if d == "down" else None)
+    ok, grad_norm, _, stats = mgs.step()
+    after, state2 = ex._hf_params(chunks, cfg), _optimizer_tensors(optimizer)
+    same_rule = all(torch.equal(a, b) if torch.is_tensor(a) else a == b
+                    for a, b in zip(rule.values(), mgs.rule.state_dict().values()))
+    return (ok, stats["surgery/nonfinite_modules"], all(torch.equal(before[n], after[n]) for n in before),
+            len(state) > 0 and all(torch.equal(a, b) for a, b in zip(state, state2)), same_rule, mgs.step_count)
+
+
+def test_skip_step_on_nonfinite_leaves_parameters_and_optimizer_state():
+    """on_nonfinite='skip_step' (the official code skips a step with a non-finite gradient norm): one domain's
+    gradient is NaN -> no update; parameters, Adam moments, main parameters and the rule's state are untouched."""
+    for ok, bad, params_same, state_same, rule_same, steps in run_distributed(
+            _skip_on_nonfinite, Layout(dp=2), ex.hf_model().state_dict(), timeout=300):
+        assert not ok and bad > 0 and params_same and state_same and rule_same and steps == 2

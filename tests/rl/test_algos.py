@@ -42,7 +42,8 @@ def test_clipped_policy_loss_separate_low_high():
     logp = torch.log(torch.tensor([[1.5, 0.5, 1.1, 2.0]]))  # ratios
     adv = torch.tensor([[1.0, -1.0, 1.0, 1.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
-    loss, m = algos.policy_loss("clip", logp, old, adv, mask, clip_low=0.2, clip_high=0.28)
+    per_token, m = algos.policy_loss("clip", logp, old, adv, mask, clip_low=0.2, clip_high=0.28)
+    loss = algos.masked_sum(per_token, mask)
     # tok0: A=1, ratio 1.5 -> min(1.5, 1.28) = 1.28 -> loss -1.28 (clipped)
     # tok1: A=-1, ratio 0.5 -> -max... per token max(0.5, 0.8) = 0.8 (clipped at 1 - 0.2)
     # tok2: A=1, ratio 1.1 -> -1.1 (unclipped); tok3 masked
@@ -54,8 +55,8 @@ def test_clipped_policy_loss_separate_low_high():
 def test_policy_loss_gradient_is_advantage_at_ratio_one():
     logp = torch.zeros(1, 3, requires_grad=True)
     adv = torch.tensor([[2.0, -1.0, 0.5]])
-    loss, _ = algos.policy_loss("clip", logp, torch.zeros(1, 3), adv, torch.ones(1, 3))
-    loss.backward()
+    per_token, _ = algos.policy_loss("clip", logp, torch.zeros(1, 3), adv, torch.ones(1, 3))
+    per_token.sum().backward()
     assert torch.allclose(logp.grad, -adv)
 
 
@@ -82,12 +83,23 @@ def test_entropy_and_logprobs():
     assert torch.allclose(lp, torch.tensor([[math.log(0.5), math.log(0.75)]]))
 
 
-def test_agg_loss_modes():
-    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
-    m = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
-    assert algos.agg_loss(x, m, "token-mean").item() == pytest.approx(10 / 4)
-    assert algos.agg_loss(x, m, "seq-mean-token-mean").item() == pytest.approx((2 + 4) / 2)
-    assert algos.agg_loss(x, m, "token-sum").item() == 10
+def test_loss_agg_modes_by_hand():
+    """Two micro-batches of one step; the step's loss is sum(num) / sum(count) in every mode. By hand:
+    sequences a = [1, 2, 3], b = [4], c = [5, 7] (a padding row has no tokens and must not count)."""
+    x1 = torch.tensor([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0]])
+    m1 = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    x2 = torch.tensor([[5.0, 7.0, 9.0], [9.0, 9.0, 9.0]])
+    m2 = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])  # second row: padding
+    want = {"token-mean": (1 + 2 + 3 + 4 + 5 + 7) / 6,
+            "seq-mean-token-mean": (2 + 4 + 6) / 3,
+            "seq-mean-token-sum": (6 + 4 + 12) / 3,
+            "seq-mean-token-sum-norm": (6 + 4 + 12) / 3 / 5}  # horizon 5
+    for mode, value in want.items():
+        (n1, c1), (n2, c2) = algos.loss_terms(x1, m1, mode, 5), algos.loss_terms(x2, m2, mode, 5)
+        assert ((n1 + n2) / (c1 + c2)).item() == pytest.approx(value), mode
+        assert algos.agg_loss(torch.cat([x1, x2]), torch.cat([m1, m2]), mode, 5).item() == pytest.approx(value)
+    with pytest.raises(ValueError, match="unknown loss_agg_mode"):
+        algos.loss_terms(x1, m1, "token-sum")
 
 
 def test_registry_errors():

@@ -43,10 +43,13 @@ def test_three_steps(tmp_path, toy, strategy):
 
 def test_vllm_rollouts_agree_with_megatron(tmp_path, toy):
     """The main job's path: vLLM (CPU) rollouts with in-place weight sync; at every step the sampled tokens'
-    logprobs reported by vLLM equal Megatron's recomputation (fp32), i.e. the sync of the previous step took."""
+    logprobs reported by vLLM equal Megatron's recomputation (fp32), i.e. the sync of the previous step took. At the
+    paper's temperature 0.7 both sides are log-probs of the sampled distribution, softmax(logits / 0.7) (vLLM's
+    processed logprobs; Megatron's vocab-parallel recomputation at algo.logprob_temperature=rollout)."""
     out = tmp_path / "vllm"
     r = mgs_train(base_overrides(toy, out) + ["rollout.backend=vllm", "strategy=mgs", "run.total_steps=2",
-                                              "rollout.logprob_diff_warn=1e-12"], timeout=420)
+                                              "rollout.temperature=0.7", "rollout.logprob_diff_warn=1e-12"],
+                  timeout=420)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "rollout/logprob_diff_max" in r.stderr and "logprob_diff_warn" in r.stderr  # the alarm fires at 1e-12
     ms = _metrics(out)

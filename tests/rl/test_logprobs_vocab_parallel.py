@@ -133,8 +133,8 @@ def _rank_loss(vocab_size: int, padded: int):
     mask = batch["loss_mask"]
     pg, _ = algos.policy_loss("clip", logp, batch["old_logp"], batch["advantages"], mask, clip_low=0.2,
                               clip_high=0.28)
-    old_loss = pg + 0.05 * algos.masked_sum(algos.kl_penalty("low_var_kl", logp, batch["ref_logp"]), mask) \
-        - 0.01 * algos.masked_sum(ent, mask)
+    kl = algos.kl_penalty("low_var_kl", logp, batch["ref_logp"])
+    old_loss = algos.masked_sum(pg, mask) + 0.05 * algos.masked_sum(kl, mask) - 0.01 * algos.masked_sum(ent, mask)
     (old_grad,) = torch.autograd.grad(old_loss, old_x)
     return float(new_loss), float(old_loss), float((new_grad - old_grad).abs().max()), float(old_grad.abs().max())
 
