@@ -44,10 +44,17 @@ class DataConfig:
     """Held-out validation prompts; [] = the last val_holdout prompts of each training domain."""
     val_holdout: int = 16
     """When val_sources is empty: prompts per domain held out of training for validation."""
+    chat_template: str = ""
+    """How prompts are rendered: '' = the tokenizer's own chat template; 'think' = the official runs' thinking
+    prompt for base models (<think> plan </think> <response> answer </response>; data/templates.py); else a Jinja
+    template or the path of a file holding one."""
 
     def __post_init__(self):
         if self.prompts_per_step < 1:
             raise ValueError(f"prompts_per_step={self.prompts_per_step} must be >= 1")
+        from .templates import resolve_chat_template
+
+        resolve_chat_template(self.chat_template)  # a bad name or path fails at config time
         for i, st in enumerate(self.stages):
             if not (isinstance(st, (list, tuple)) and len(st) == 2 and isinstance(st[0], str)
                     and isinstance(st[1], int)):

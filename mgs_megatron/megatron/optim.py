@@ -16,6 +16,9 @@ class OptimConfig:
     """Learning rate (constant)."""
     weight_decay: float = 0.0
     """Decoupled weight decay (AdamW)."""
+    decay_all_params: bool = False
+    """Apply weight decay to every parameter, norms and biases included (the official MGS code: one AdamW group);
+    false: Megatron's default, which exempts biases and 1-D parameters."""
     clip_grad: float = 1.0
     """Global gradient-norm clip (after the surgery)."""
     adam_beta1: float = 0.9
@@ -47,11 +50,19 @@ def wrap_ddp(chunks: Sequence[torch.nn.Module], ddp_config, *, device: str = "cp
     return wrapped
 
 
-def build_optimizer(ddp_chunks, optimizer_config):
-    """Megatron's get_megatron_optimizer (returns a ChainedOptimizer over dense/expert groups)."""
+def build_optimizer(ddp_chunks, optimizer_config, *, decay_all_params: bool = False):
+    """Megatron's get_megatron_optimizer (returns a ChainedOptimizer over dense/expert groups). decay_all_params:
+    no per-parameter overrides, so no parameter is exempt from weight decay."""
     from megatron.core.optimizer import get_megatron_optimizer
 
-    return get_megatron_optimizer(optimizer_config, list(ddp_chunks))
+    optimizer = get_megatron_optimizer(optimizer_config, list(ddp_chunks),
+                                       config_overrides={} if decay_all_params else None)
+    # Megatron applies a group's wd_mult (0 for biases and norms) only through its OptimizerParamScheduler, which we
+    # do not use (constant lr): apply it here, else every parameter would be decayed whatever the setting.
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for group in inner.optimizer.param_groups:
+            group["weight_decay"] = optimizer_config.weight_decay * group.get("wd_mult", 1.0)
+    return optimizer
 
 
 def make_trainable(chunks: Sequence[torch.nn.Module], cfg: OptimConfig, *, params_dtype: torch.dtype, device: str,
@@ -69,7 +80,7 @@ def make_trainable(chunks: Sequence[torch.nn.Module], cfg: OptimConfig, *, param
         optimizer="adam", lr=cfg.lr if lr is None else lr,
         weight_decay=cfg.weight_decay if weight_decay is None else weight_decay, clip_grad=cfg.clip_grad,
         adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, use_distributed_optimizer=cfg.use_distributed_optimizer,
-        bf16=params_dtype == torch.bfloat16, params_dtype=params_dtype))
+        bf16=params_dtype == torch.bfloat16, params_dtype=params_dtype), decay_all_params=cfg.decay_all_params)
     configure_grad_sync(ddp)
     return ddp, optimizer
 

@@ -21,6 +21,7 @@ from megatron.core import parallel_state as ps
 from transformers import AutoTokenizer
 
 from mgs_megatron.data import PromptSampler, train_val_split
+from mgs_megatron.data.templates import resolve_chat_template
 from mgs_megatron.megatron import parallel
 from mgs_megatron.models import model_config_from_hf
 from mgs_megatron.rewards import RewardManager
@@ -90,7 +91,8 @@ class Trainer:
         self.backend = build_backend(  # starts from the resumed weights
             cfg.rollout, chunks=self.policy.chunks, model_cfg=self.model_cfg, tokenizer=self.tokenizer,
             seed=cfg.run.seed, device=self.device, workdir=self.out, hf_config=self.hf_config,
-            hf_side_dir=cfg.model.tokenizer or cfg.model.path, logprob_temperature=self.policy.temperature)
+            hf_side_dir=cfg.model.tokenizer or cfg.model.path, logprob_temperature=self.policy.temperature,
+            chat_template=resolve_chat_template(cfg.data.chat_template))
         self.writer = MetricsWriter.for_run(cfg, self.out) if self.is_main else None
 
     # ================================================================================================ one step

@@ -24,6 +24,7 @@ import torch
 
 from mgs_megatron.devices import collective_device
 from mgs_megatron.megatron.schedule import pack_sequences
+from mgs_megatron.rollout.prompts import encode_prompt
 
 log = logging.getLogger("mgs_megatron.rl.warmup")
 
@@ -44,11 +45,10 @@ class WarmupConfig:
     """Directory of the cached result ('': <output_dir>/../warmup-<hash of the settings>)."""
 
 
-def encode_demo(tokenizer, demo: dict, max_prompt_len: int, max_response_len: int) -> tuple[list[int], int]:
-    """(token ids of prompt + response + eos, prompt length), tokenized as the rollout backends do."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": demo["prompt"]}], add_generation_prompt=True,
-                                         tokenize=False)
-    p = list(tokenizer(text, add_special_tokens=False)["input_ids"])[-max_prompt_len:]
+def encode_demo(tokenizer, demo: dict, max_prompt_len: int, max_response_len: int,
+                chat_template: Optional[str] = None) -> tuple[list[int], int]:
+    """(token ids of prompt + response + eos, prompt length), the prompt encoded as the rollout backends do."""
+    p = encode_prompt(tokenizer, [{"role": "user", "content": demo["prompt"]}], chat_template)[-max_prompt_len:]
     r = list(tokenizer(demo["response"], add_special_tokens=False)["input_ids"])[:max_response_len - 1]
     return p + r + [tokenizer.eos_token_id], len(p)
 
@@ -61,6 +61,8 @@ def cache_dir(cfg) -> Path:
            "dtype": cfg.model.params_dtype, "sources": cfg.data.sources, "val": [cfg.data.val_holdout,
                                                                                   cfg.data.val_sources],
            "lens": [cfg.rollout.max_prompt_len, cfg.rollout.max_response_len], "seed": cfg.run.seed}
+    if cfg.data.chat_template:  # (only when set: earlier caches keep their names)
+        key["chat_template"] = cfg.data.chat_template
     h = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
     root = Path(w.cache) if w.cache else Path(cfg.run.output_dir).resolve().parent
     return root / f"warmup-{h}"
@@ -120,6 +122,7 @@ def maybe_warmup(cfg, train_rows: dict, *, model_cfg, hf_config: dict, layout, p
     from transformers import AutoTokenizer
 
     from mgs_megatron.convert import is_canonical
+    from mgs_megatron.data.templates import resolve_chat_template
     from mgs_megatron.data.toy import build_demonstrations
     from mgs_megatron.megatron.model import build_gpt_model
     from mgs_megatron.megatron.optim import make_trainable
@@ -143,7 +146,9 @@ def maybe_warmup(cfg, train_rows: dict, *, model_cfg, hf_config: dict, layout, p
     rows = [p.fields | {"domain": p.domain, "prompt": p.prompt or p.as_messages()[-1]["content"]}
             for v in train_rows.values() for p in v]
     demos = build_demonstrations(rows, w.noise, seed=cfg.run.seed, copies=4)
-    encoded = [encode_demo(tokenizer, d, cfg.rollout.max_prompt_len, cfg.rollout.max_response_len) for d in demos]
+    template = resolve_chat_template(cfg.data.chat_template)
+    encoded = [encode_demo(tokenizer, d, cfg.rollout.max_prompt_len, cfg.rollout.max_response_len, template)
+               for d in demos]
 
     model = build_gpt_model(model_cfg, layout, precision, device=device)
     load_initial_weights([model])

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from mgs_megatron.devices import HOST, compute_device
 from mgs_megatron.rollout.config import Rollout, RolloutConfig
 from mgs_megatron.rollout.distribute import split_range
+from mgs_megatron.rollout.prompts import encode_prompt, fit_prompt
 from mgs_megatron.rollout.sampling import sample_next
 
 _CHECK_EVERY = 8  # tokens between host checks of "every row has stopped" (a device -> host sync each)
@@ -67,18 +68,22 @@ class MegatronBackend(RolloutBackend):
 
     reports_logprobs = False
 
-    def __init__(self, cfg: RolloutConfig, chunks, tokenizer, vocab_size: int, *, seed: int, batch_size: int = 64):
+    def __init__(self, cfg: RolloutConfig, chunks, tokenizer, vocab_size: int, *, seed: int, batch_size: int = 64,
+                 chat_template: Optional[str] = None):
         self.cfg, self.chunks, self.tok, self.vocab_size = cfg, chunks, tokenizer, vocab_size
-        self.seed, self.batch_size = seed, batch_size
+        self.seed, self.batch_size, self.chat_template = seed, batch_size, chat_template
+        self.truncated_prompts = self.dropped_prompts = 0
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    def encode(self, prompt) -> list[int]:
-        if isinstance(prompt, str):
-            prompt = [{"role": "user", "content": prompt}]
-        text = self.tok.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False)
-        ids = list(self.tok(text, add_special_tokens=False)["input_ids"])
-        return ids[-self.cfg.max_prompt_len:]
+    def encode(self, prompt, index: int = 0) -> Optional[list[int]]:
+        """Token ids within max_prompt_len (rollout.prompt_truncation; None: dropped), counted."""
+        ids = encode_prompt(self.tok, [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt,
+                            self.chat_template)
+        fitted = fit_prompt(ids, self.cfg.max_prompt_len, self.cfg.prompt_truncation, index)
+        self.truncated_prompts += fitted is not None and len(fitted) < len(ids)
+        self.dropped_prompts += fitted is None
+        return fitted
 
     @torch.no_grad()
     def _sample(self, prompt_ids: list[list[int]], seeds: list[int], temperature: float) -> list[list[int]]:
@@ -118,8 +123,8 @@ class MegatronBackend(RolloutBackend):
         temperature = self.cfg.temperature if temperature is None else temperature
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         lo, hi = split_range(len(prompts), dp, dp_rank)
-        jobs = [(g, k) for g in range(lo, hi) for k in range(n)]
-        encoded = {g: self.encode(prompts[g]) for g in range(lo, hi)}
+        encoded = {g: self.encode(prompts[g], g) for g in range(lo, hi)}
+        jobs = [(g, k) for g in range(lo, hi) if encoded[g] is not None for k in range(n)]
         mine = []
         # every DP rank runs the same number of batches (PP/TP peers share them; DP ranks are independent)
         for b in range(0, len(jobs), self.batch_size):
@@ -138,12 +143,12 @@ class VLLMBackend(RolloutBackend):
     in place after every optimizer step (rollout/sync.py)."""
 
     def __init__(self, cfg: RolloutConfig, hf_dir: str, chunks, model_cfg, *, seed: int, device: str,
-                 logprobs_mode: str = "processed_logprobs"):
+                 logprobs_mode: str = "processed_logprobs", chat_template: Optional[str] = None):
         from mgs_megatron.rollout.engine import RolloutEngine
 
         self.cfg, self.chunks, self.model_cfg = cfg, chunks, model_cfg
         self.engine = RolloutEngine(hf_dir, cfg, seed=seed, device=device, tokenizer=hf_dir,
-                                    logprobs_mode=logprobs_mode)
+                                    logprobs_mode=logprobs_mode, chat_template=chat_template)
 
     def generate(self, prompts, n, *, step, temperature=None):
         world = dist.get_world_size() if dist.is_initialized() else 1
@@ -167,16 +172,18 @@ class VLLMBackend(RolloutBackend):
 
 
 def build_backend(cfg: RolloutConfig, *, chunks, model_cfg, tokenizer, seed: int, device: str, workdir: Path,
-                  hf_config: dict, hf_side_dir: Optional[str], logprob_temperature: float) -> RolloutBackend:
+                  hf_config: dict, hf_side_dir: Optional[str], logprob_temperature: float,
+                  chat_template: Optional[str] = None) -> RolloutBackend:
     """The configured backend; vLLM starts from an HF export of the live weights in `workdir`/rollout_init (which
     also carries the tokenizer files) and reports log-probs of the distribution the trainer's log-probs refer to
     (softmax(logits / logprob_temperature): the sampled one when that is the rollout temperature, else the raw
     logits' when it is 1)."""
     if cfg.backend == "megatron":
-        return MegatronBackend(cfg, chunks, tokenizer, model_cfg.vocab_size, seed=seed)
+        return MegatronBackend(cfg, chunks, tokenizer, model_cfg.vocab_size, seed=seed, chat_template=chat_template)
     from mgs_megatron.weights import export_hf
 
     hf_dir = Path(workdir) / "rollout_init"
     export_hf(chunks, model_cfg, hf_dir, hf_config=hf_config, overwrite=True, hf_side_dir=hf_side_dir)
     mode = "processed_logprobs" if logprob_temperature == cfg.temperature else "raw_logprobs"
-    return VLLMBackend(cfg, str(hf_dir), chunks, model_cfg, seed=seed, device=device, logprobs_mode=mode)
+    return VLLMBackend(cfg, str(hf_dir), chunks, model_cfg, seed=seed, device=device, logprobs_mode=mode,
+                       chat_template=chat_template)

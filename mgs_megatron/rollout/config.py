@@ -13,7 +13,7 @@ class RolloutError(RuntimeError):
 
 
 class PromptTooLongError(RolloutError, ValueError):
-    """A prompt is longer than RolloutConfig.max_prompt_len and overlong='error'."""
+    """A prompt is longer than RolloutConfig.max_prompt_len and prompt_truncation='error'."""
 
 
 class EngineInvalidError(RolloutError):
@@ -36,12 +36,12 @@ class RolloutConfig:
     top_k: int = -1
     """Top-k sampling (-1: off)."""
     max_prompt_len: int = 64
-    """Prompt tokens (after the chat template); longer prompts are handled by `overlong`."""
+    """Prompt tokens (after the chat template); longer prompts are handled by `prompt_truncation`."""
     max_response_len: int = 24
     """Response tokens generated at most."""
-    overlong: Literal["error", "truncate"] = "truncate"
-    """A prompt over max_prompt_len: 'error' raises naming it; 'truncate' keeps its LAST max_prompt_len tokens
-    (where the generation prompt lives) and counts it."""
+    prompt_truncation: Literal["error", "left", "drop"] = "left"
+    """A prompt over max_prompt_len: 'error' raises naming it; 'left' keeps its LAST max_prompt_len tokens (where
+    the generation prompt lives; the official recipe's); 'drop' gives it no samples. Counted either way."""
     stop: tuple[str, ...] = ()
     """Stop strings."""
     stop_token_ids: tuple[int, ...] = ()

@@ -11,15 +11,14 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Iterable, Optional, Sequence, Union
+from typing import Iterable, Optional, Sequence
 
 import torch
 
-from mgs_megatron.rollout.config import EngineInvalidError, PromptTooLongError, Rollout, RolloutConfig, RolloutError
+from mgs_megatron.rollout.config import EngineInvalidError, Rollout, RolloutConfig, RolloutError
+from mgs_megatron.rollout.prompts import Prompt, encode_prompt, fit_prompt
 
 log = logging.getLogger(__name__)
-
-Prompt = Union[str, Sequence[dict], Sequence[int]]  # text | chat messages | token ids
 
 
 def _dist_world() -> int:
@@ -64,13 +63,14 @@ class RolloutEngine:
     softmax(logits / temperature), the one sampled (top-p / top-k then renormalise it over the kept tokens)."""
 
     def __init__(self, model_path: str, cfg: RolloutConfig, *, seed: int = 0, device: str = "cpu",
-                 tokenizer: Optional[str] = None, logprobs_mode: str = "raw_logprobs"):
+                 tokenizer: Optional[str] = None, logprobs_mode: str = "raw_logprobs",
+                 chat_template: Optional[str] = None):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: tensors pass by reference
         t0 = time.perf_counter()
         from transformers import AutoTokenizer
         from vllm import LLM
 
-        self.cfg, self.seed, self.device = cfg, seed, device
+        self.cfg, self.seed, self.device, self.chat_template = cfg, seed, device, chat_template
         self.kwargs = engine_kwargs(model_path, cfg, seed=seed, device=device, tokenizer=tokenizer,
                                     logprobs_mode=logprobs_mode)
         try:
@@ -81,35 +81,27 @@ class RolloutEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(self.kwargs["tokenizer"])
         self.version = 0            # 0 = the weights the engine started with
         self.invalid_reason: Optional[str] = None
-        self.truncated_prompts = 0  # counted when overlong='truncate'
+        self.truncated_prompts = self.dropped_prompts = 0  # over-long prompts (rollout.prompt_truncation)
         self.start_seconds = time.perf_counter() - t0
         log.info("vLLM engine ready in %.1fs (%s)", self.start_seconds,
                  self.kwargs.get("distributed_executor_backend", "in-process"))
 
     # ------------------------------------------------------------------------------------------------ prompts
     def encode(self, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str):
-            return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
-        if len(prompt) and isinstance(prompt[0], dict):  # chat messages: the template adds its special tokens
-            text = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False)
-            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return [int(t) for t in prompt]
+        return encode_prompt(self.tokenizer, prompt, self.chat_template)
 
-    def prepare(self, prompts: Sequence[Prompt]) -> list[tuple[list[int], bool]]:
-        """Token ids per prompt and whether it was truncated; overlong prompts raise or are cut (counted)."""
+    def prepare(self, prompts: Sequence[Prompt]) -> list[Optional[tuple[list[int], bool]]]:
+        """(token ids, truncated) per prompt, None for a dropped one; over-long prompts follow
+        cfg.prompt_truncation and are counted (truncated_prompts, dropped_prompts)."""
         out = []
         for i, p in enumerate(prompts):
             ids = self.encode(p)
             if not ids:
                 raise RolloutError(f"prompt {i} is empty after tokenisation")
-            cut = len(ids) > self.cfg.max_prompt_len
-            if cut and self.cfg.overlong == "error":
-                raise PromptTooLongError(f"prompt {i} has {len(ids)} tokens > max_prompt_len="
-                                         f"{self.cfg.max_prompt_len} (set overlong='truncate' to cut it)")
-            if cut:
-                ids = ids[-self.cfg.max_prompt_len:]  # keep the end: the generation prompt lives there
-                self.truncated_prompts += 1
-            out.append((ids, cut))
+            fitted = fit_prompt(ids, self.cfg.max_prompt_len, self.cfg.prompt_truncation, i)
+            self.truncated_prompts += fitted is not None and len(fitted) < len(ids)
+            self.dropped_prompts += fitted is None
+            out.append(None if fitted is None else (fitted, len(fitted) < len(ids)))
         return out
 
     def sampling_params(self, seed: int, **overrides):
@@ -138,7 +130,10 @@ class RolloutEngine:
         engine = self.llm.llm_engine
         ids = {}
         try:
-            for i, (tok, cut) in enumerate(prepared):
+            for i, item in enumerate(prepared):
+                if item is None:  # dropped (over-long, prompt_truncation='drop'): no samples
+                    continue
+                tok, _ = item
                 g = prompt_offset + i
                 params = self.sampling_params(request_seed(self.seed, step, g), **sampling_overrides)
                 rid = f"s{step}-p{g}-{time.monotonic_ns()}"

@@ -79,8 +79,8 @@ def sync_check_worker(engine_dir: str, mcore_dir: str, extended: bool = False) -
     )
 
     cfg, chunks, ddp, opt = build_megatron(mcore_dir, train=True)
-    rcfg = RolloutConfig(max_prompt_len=64, max_response_len=10, n=2, kv_cache_bytes=32 << 20, overlong="error",
-                         sync_bucket_bytes=256 << 10)
+    rcfg = RolloutConfig(max_prompt_len=64, max_response_len=10, n=2, kv_cache_bytes=32 << 20,
+                         prompt_truncation="error", sync_bucket_bytes=256 << 10)
     out = {"rank": dist.get_rank()}
     engine = RolloutEngine(engine_dir, rcfg, seed=5)
     try:
@@ -144,7 +144,7 @@ def _failure_paths(engine, chunks, cfg, rcfg, gen, sync_weights, RolloutError, E
         engine.generate([long_prompt])
     except PromptTooLongError as e:
         res["overlong_error"] = str(e)
-    engine.cfg = dataclasses.replace(rcfg, overlong="truncate")
+    engine.cfg = dataclasses.replace(rcfg, prompt_truncation="left")
     r = engine.generate([long_prompt])
     res["truncated"] = (r[0].prompt_truncated, len(r[0].prompt_ids), engine.truncated_prompts, len(r))
     try:
