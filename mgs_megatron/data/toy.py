@@ -2,11 +2,12 @@
 
 Domains (chosen so a tiny policy can learn them in minutes and so they pull in different directions):
   math: short arithmetic, "What is 3+4? Put the answer in \\boxed{}.", answer "7";
-  if:   a short answer about a topic under 1-2 IFEval instructions that favour lowercase, no commas, few words,
-        a fixed ending, a <<title>> or a keyword;
   chat: short requests ("Say hello to Ana.") scored by a tiny reward model trained (a few CPU seconds,
-        Bradley-Terry on synthetic pairs) to prefer polite, capitalised, on-topic short answers with commas and
-        "!" -- the opposite of the IF style, so MGS sees real conflicts.
+        Bradley-Terry on synthetic pairs) to prefer polite, capitalised, on-topic short answers with commas and "!";
+  if:   the SAME kind of requests with 1-2 IFEval instructions appended, mostly asking for the opposite style
+        (lowercase, no commas, few words, a fixed ending, a <<title>>, a keyword): in the same contexts the two
+        domains want different tokens, so their gradients pull the shared modules apart (docs/results.md shows the
+        measured conflicts).
 Demonstrations for the supervised warm-up (`build_demonstrations`): a right answer, or with probability `noise` a
 wrong / rule-breaking / rejected one, built from each row's own fields.
 """
@@ -52,10 +53,26 @@ def make_math_rows(n: int, rng: random.Random) -> list[dict]:
     return rows
 
 
+_CHAT_FORMS = ["Say hello to {name}.", "Tell me about {topic}.", "Thank {name} for the {topic}.",
+               "Ask {name} about {topic}.", "Say something kind about {topic}."]
+
+
+def chat_request(rng: random.Random) -> str:
+    return rng.choice(_CHAT_FORMS).format(name=rng.choice(NAMES), topic=rng.choice(TOPICS))
+
+
+def request_subject(prompt: str) -> str:
+    """The name a request mentions, else its last word ("Tell me about the sea." -> "sea")."""
+    words = prompt.split(".", 1)[0].split()
+    return next((w for w in words if w in NAMES), None) or words[-1]
+
+
 def make_if_rows(n: int, rng: random.Random) -> list[dict]:
+    """The chat domain's requests with 1-2 instructions appended: the same contexts, another style asked for."""
     rows = []
     for i in range(n):
-        topic = rng.choice(TOPICS)
+        request = chat_request(rng)
+        topic = request_subject(request)
         picks = rng.sample(_IF_INSTRUCTIONS, rng.choice([1, 1, 2]))
         if len(picks) == 2 and ((picks[0][0], picks[1][0]) in _CONFLICTS or (picks[1][0], picks[0][0]) in _CONFLICTS):
             picks = picks[:1]
@@ -63,17 +80,13 @@ def make_if_rows(n: int, rng: random.Random) -> list[dict]:
         for iid, mk, txt in picks:
             kw = mk(rng, topic)
             ids.append(iid), kwargs.append(kw), texts.append(txt(kw))
-        rows.append({"id": f"if-{i}", "domain": "if", "prompt": f"Say something about {topic}. " + " ".join(texts),
+        rows.append({"id": f"if-{i}", "domain": "if", "prompt": f"{request} " + " ".join(texts),
                      "instruction_id_list": ids, "kwargs": kwargs})
     return rows
 
 
 def make_chat_rows(n: int, rng: random.Random) -> list[dict]:
-    forms = ["Say hello to {name}.", "Tell me about {topic}.", "Thank {name} for the {topic}.",
-             "Ask {name} about {topic}.", "Say something kind about {topic}."]
-    return [{"id": f"chat-{i}", "domain": "chat",
-             "prompt": rng.choice(forms).format(name=rng.choice(NAMES), topic=rng.choice(TOPICS))}
-            for i in range(n)]
+    return [{"id": f"chat-{i}", "domain": "chat", "prompt": chat_request(rng)} for i in range(n)]
 
 
 def write_toy_data(out_dir: str | Path, n_per_domain: int = 200, seed: int = 0) -> dict[str, Path]:
@@ -92,8 +105,7 @@ def write_toy_data(out_dir: str | Path, n_per_domain: int = 200, seed: int = 0) 
 # ------------------------------------------------------------------ chat preference pairs
 def chat_pair(prompt: str, rng: random.Random) -> tuple[str, str]:
     """(preferred, rejected) responses for a toy chat prompt."""
-    words = prompt.rstrip(".").split()
-    subject = next((w for w in words if w in NAMES), None) or words[-1]
+    subject = request_subject(prompt)
     good = rng.choice([f"Hello, {subject}! It is a pleasure to help, thank you!",
                        f"Sure, {subject} is lovely! Thank you for asking!",
                        f"Of course! {subject.capitalize()}, thank you, have a great day!",
@@ -114,9 +126,7 @@ def math_demo(row: dict, rng: random.Random, noisy: bool) -> str:
 
 def if_demo(row: dict, rng: random.Random, noisy: bool) -> str:
     """A response that follows every instruction of the row (or, noisy, a chat-style one that breaks most)."""
-    prompt = row["prompt"]
-    topic = prompt.split("Say something about ", 1)[-1].split(".", 1)[0] if "Say something about " in prompt \
-        else "things"
+    topic = request_subject(row["prompt"])
     ids = list(row.get("instruction_id_list", []))
     kws = {iid: (kw or {}) for iid, kw in zip(ids, row.get("kwargs", []))}
     if noisy:
