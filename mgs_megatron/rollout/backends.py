@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from mgs_megatron.rollout.config import Rollout, RolloutConfig
+from mgs_megatron.rollout.config import PromptTooLongError, Rollout, RolloutConfig
 from mgs_megatron.rollout.distribute import split_range
 
 
@@ -56,12 +56,18 @@ class MegatronBackend(RolloutBackend):
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    def encode(self, prompt) -> list[int]:
+    def encode(self, prompt) -> tuple[list[int], bool]:
+        """Token ids and whether they were truncated (rollout.overlong, as in RolloutEngine.prepare)."""
         if isinstance(prompt, str):
             prompt = [{"role": "user", "content": prompt}]
         text = self.tok.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False)
         ids = list(self.tok(text, add_special_tokens=False)["input_ids"])
-        return ids[-self.cfg.max_prompt_len:]
+        cut = len(ids) > self.cfg.max_prompt_len
+        if cut and self.cfg.overlong == "error":
+            raise PromptTooLongError(f"a prompt has {len(ids)} tokens > rollout.max_prompt_len="
+                                     f"{self.cfg.max_prompt_len} (rollout.overlong=truncate keeps its last tokens): "
+                                     f"{text[:80]!r}...")
+        return ids[-self.cfg.max_prompt_len:], cut
 
     @torch.no_grad()
     def _sample(self, prompt_ids: list[list[int]], seeds: list[int], temperature: float) -> list[list[int]]:
@@ -131,7 +137,9 @@ class MegatronBackend(RolloutBackend):
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         lo, hi = split_range(len(prompts), dp, dp_rank)
         jobs = [(g, k) for g in range(lo, hi) for k in range(n)]
-        encoded = {g: self.encode(prompts[g]) for g in range(lo, hi)}
+        encoded, cut = {}, {}
+        for g in range(lo, hi):
+            encoded[g], cut[g] = self.encode(prompts[g])
         mine = []
         # every DP rank runs the same number of batches (PP/TP peers share them; DP ranks are independent)
         for b in range(0, len(jobs), self.batch_size):
@@ -141,7 +149,7 @@ class MegatronBackend(RolloutBackend):
             for (g, k), r in zip(batch, resp):
                 finish = "stop" if r and r[-1] == self.eos else "length"
                 text = self.tok.decode([t for t in r if t != self.eos], skip_special_tokens=True)
-                mine.append(Rollout(encoded[g], r, [0.0] * len(r), text, finish, g, k))
+                mine.append(Rollout(encoded[g], r, [0.0] * len(r), text, finish, g, k, prompt_truncated=cut[g]))
         return _gather(mine)
 
 
@@ -149,11 +157,13 @@ class VLLMBackend(RolloutBackend):
     """A vLLM engine per rank (rollout/engine.py), started from an HF export of the current weights and kept in sync
     in place after every optimizer step (rollout/sync.py)."""
 
-    def __init__(self, cfg: RolloutConfig, hf_dir: str, chunks, model_cfg, *, seed: int, device: str):
+    def __init__(self, cfg: RolloutConfig, hf_dir: str, chunks, model_cfg, *, seed: int, device: str,
+                 weights_version: int = 0):
         from mgs_megatron.rollout.engine import RolloutEngine
 
         self.cfg, self.chunks, self.model_cfg = cfg, chunks, model_cfg
         self.engine = RolloutEngine(hf_dir, cfg, seed=seed, device=device, tokenizer=hf_dir)
+        self.engine.version = weights_version  # a resumed run's weights are those of its step
 
     def generate(self, prompts, n, *, step, temperature=None):
         world = dist.get_world_size() if dist.is_initialized() else 1
@@ -177,13 +187,14 @@ class VLLMBackend(RolloutBackend):
 
 
 def build_backend(cfg: RolloutConfig, *, chunks, model_cfg, tokenizer, seed: int, device: str, workdir: Path,
-                  hf_config: dict, hf_side_dir: Optional[str]) -> RolloutBackend:
+                  hf_config: dict, hf_side_dir: Optional[str], weights_version: int = 0) -> RolloutBackend:
     """The configured backend; vLLM starts from an HF export of the live weights in `workdir`/rollout_init (which
-    also carries the tokenizer files)."""
+    also carries the tokenizer files). `weights_version`: the version of those weights (the resumed step), so that
+    rollout/weights_version continues across a resume."""
     if cfg.backend == "megatron":
         return MegatronBackend(cfg, chunks, tokenizer, model_cfg.vocab_size, seed=seed)
     from mgs_megatron.weights import export_hf
 
     hf_dir = Path(workdir) / "rollout_init"
     export_hf(chunks, model_cfg, hf_dir, hf_config=hf_config, overwrite=True, hf_side_dir=hf_side_dir)
-    return VLLMBackend(cfg, str(hf_dir), chunks, model_cfg, seed=seed, device=device)
+    return VLLMBackend(cfg, str(hf_dir), chunks, model_cfg, seed=seed, device=device, weights_version=weights_version)

@@ -19,7 +19,7 @@ def base_overrides(toy, out) -> list[str]:
     return [f"run.output_dir={out}", "run.progress=false", "run.val_every=0", "run.val_prompts_per_domain=0",
             "run.export_hf=false", "run.tensorboard=false", f"model.tokenizer={toy['tokenizer']}",
             f"data.sources=[{toy['math']},{toy['if']},{toy['chat']}]",
-            f"rewards.chat.kwargs.model_path={toy['reward_model']}", "rollout.max_response_len=8",
+            f"rewards.domains.chat.kwargs.model_path={toy['reward_model']}", "rollout.max_response_len=8",
             "data.prompts_per_step=3", "rollout.n=2", "warmup.steps=0",
             "rollout.backend=megatron"]
 
