@@ -117,12 +117,22 @@ def torchrun(argv) -> int:
     """`python -m torch.distributed.run ARGV` minus torchrun's own log lines and its ChildFailedError traceback:
     prints the ranks' one-line error once (the first failure's), and returns the ranks' exit code (143 after
     SIGTERM)."""
+    quiet = not os.environ.get("MGS_DEBUG")
+    user_level = os.environ.get("LOGLEVEL")
+    if quiet:  # torch.distributed.elastic sets each logger's level from LOGLEVEL when its module is imported
+        os.environ["LOGLEVEL"] = "CRITICAL"
     from torch.distributed import run as tdr
+    from torch.distributed.elastic.agent.server import local_elastic_agent  # noqa: F401 - its loggers, quieted
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    if not os.environ.get("MGS_DEBUG"):
-        logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)
+    if quiet:
+        os.environ.pop("LOGLEVEL")  # the ranks get the user's own setting
+        if user_level is not None:
+            os.environ["LOGLEVEL"] = user_level
+        for name, lg in list(logging.Logger.manager.loggerDict.items()):
+            if name.startswith("torch.distributed") and isinstance(lg, logging.Logger):
+                lg.setLevel(logging.CRITICAL)
     try:
         tdr.run(tdr.parse_args(list(argv)))
         return 0
@@ -151,11 +161,14 @@ def main(argv=None) -> int:
         if args.debug:
             cfg.run.log_level = "debug"
         configure_output(cfg.run.log_level, rank)
+        data_log = logging.getLogger("mgs_megatron.data")  # its warnings (empty files) are shown once: by the
+        if os.environ.get("MGS_LAUNCHED"):  # launcher's check, not again by each rank's (nor by the trainer's)
+            data_log.setLevel(logging.ERROR)
         check_paths(cfg, int(os.environ["WORLD_SIZE"]) if under_launcher else cfg.launcher.nproc_per_node)
+        data_log.setLevel(logging.ERROR)
     except ConfigError as e:
         report(e, "config", args.debug)
         return EXIT_CONFIG
-    logging.getLogger("mgs_megatron.data").setLevel(logging.ERROR)  # its warnings were shown by this check
     n = cfg.launcher.nproc_per_node
     if not under_launcher and n > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--standalone",

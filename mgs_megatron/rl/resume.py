@@ -117,8 +117,9 @@ def save(root: Path, step: int, chunks, optimizer, trainer_state: dict, extra_ra
         os.replace(tmp, final)
         (root / "latest.part").write_text(final.name)
         os.replace(root / "latest.part", root / "latest")
-        older = [p for p in step_dirs(root) if int(p.name[5:]) < step]  # never a newer one (see load_newest)
-        for p in older[max(keep - 1, 0):] if keep > 0 else []:
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        older = [p for p in step_dirs(root) if int(p.name[5:]) < step and not missing_files(p, world)]
+        for p in older[max(keep - 1, 0):] if keep > 0 else []:  # complete and older only: never a newer one
             shutil.rmtree(p, ignore_errors=True)
     if dist.is_initialized():
         dist.barrier()

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def toy(tmp_path_factory):
     from mgs_megatron.data.toy import ensure_toy_assets
 
-    return ensure_toy_assets(tmp_path_factory.mktemp("toy"))
+    return ensure_toy_assets(tmp_path_factory.getbasetemp() / "toy")  # one copy per session, shared by packages
 
 
 def base_overrides(toy, out) -> list[str]:
