@@ -12,6 +12,7 @@ every item for `max_failed_steps` consecutive steps (a run that would otherwise 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -89,8 +90,7 @@ class RewardManager:
         if isinstance(config, dict):
             config = RewardConfig({d: s if isinstance(s, DomainRewardSpec) else DomainRewardSpec(**s)
                                    for d, s in config.items()})
-        self.config = RewardConfig({**{d: config.spec(d) for d in domains}, **config.domains}, config.timeout_s,
-                                   config.max_failed_steps)
+        self.config = dataclasses.replace(config, domains={**{d: config.spec(d) for d in domains}, **config.domains})
         self._rewards: dict[str, Reward] = dict(rewards or {})
         self.counters: dict[str, float] = defaultdict(float)
         self._failed_streak: dict[str, int] = defaultdict(int)
