@@ -13,4 +13,14 @@ class ConversionError(ValueError):
     the tensor (and the file where one is involved)."""
 
 
-__all__ = ["ConfigError", "ConversionError"]
+class RewardError(RuntimeError):
+    """A domain's reward failed (raised, returned a non-finite score or timed out) on every item for
+    rewards.max_failed_steps consecutive steps; the message carries the reward's own error."""
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint where one is needed (every one is damaged, or written at another world size); the
+    message names the files."""
+
+
+__all__ = ["CheckpointError", "ConfigError", "ConversionError", "RewardError"]

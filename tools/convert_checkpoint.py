@@ -8,6 +8,9 @@ The Megatron side is the "mgs-canonical-v1" checkpoint (see mgs_megatron/convert
 is model-free and single-process; it loads into a model at any TP/PP with mgs_megatron.weights.load_weights.
 --check compares fp32 logits of HF and Megatron (built at --tp x --pp, spawned gloo ranks on CPU) on a few prompts.
 Output is written to a temp dir beside the target and renamed at the end: nothing is left on failure.
+Errors (a missing or unsupported config, model_type and architectures that disagree, a missing or misshapen
+tensor, an existing destination, a failed --check) are one line, `convert_checkpoint: error: ...`, exit 2;
+--debug shows the traceback.
 """
 
 from __future__ import annotations
@@ -32,14 +35,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pp", type=int, default=1, help="pipeline parallel size for --check")
     p.add_argument("--tol", type=float, default=1e-4, help="max abs logit difference for --check (fp32)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--debug", action="store_true", help="the traceback of an error, not one line")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        return convert(args)
+    except Exception as e:  # noqa: BLE001 - every failure here is about the input: one line, --debug for more
+        if args.debug:
+            raise
+        from mgs_megatron.errors import ConfigError, ConversionError
+
+        text = str(e).strip().splitlines()[-1] if str(e).strip() else ""  # a rank's report ends in its error
+        kind = "" if isinstance(e, (ConfigError, ConversionError)) else f"{type(e).__name__}: "
+        print(f"convert_checkpoint: error: {kind}{text}", file=sys.stderr)
+        return 2
+
+
+def convert(args) -> int:
     from mgs_megatron.convert import hf_to_mcore_checkpoint, mcore_to_hf_checkpoint
+    from mgs_megatron.convert.canonical import read_model_config
+    from mgs_megatron.convert.io import read_config
+    from mgs_megatron.megatron.model import ParallelConfig
+    from mgs_megatron.models import model_config_from_hf
     from mgs_megatron.weights.check import check_logits
 
+    if args.check:  # the layout fits the model, before converting and before any rank starts
+        src = model_config_from_hf(read_config(args.src)) if args.direction == "hf-to-mcore" else \
+            read_model_config(args.src)
+        ParallelConfig(args.tp, args.pp).check(src)
     kw = dict(overwrite=args.overwrite, progress=not args.quiet, max_shard_bytes=args.shard_size_mb << 20)
     t0 = time.perf_counter()
     if args.direction == "hf-to-mcore":

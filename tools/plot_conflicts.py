@@ -6,26 +6,38 @@
   rewards.png            per-domain training reward per step (and validation reward where logged)
 
     python tools/plot_conflicts.py runs/tiny_cpu/metrics.jsonl --out runs/tiny_cpu/plots
+
+A line that is not complete JSON (a crash mid-write, or a run still writing) is skipped and named on stderr; a file
+without rows says "no data" and exits 1 without writing plots.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import os
+import sys
 from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def load(path) -> list[dict]:
-    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+    """The rows of a metrics.jsonl; unreadable lines are named on stderr and skipped."""
+    from mgs_megatron.rl.metrics import read_metrics
+
+    rows, problems = read_metrics(path)
+    for p in problems:
+        print(f"plot_conflicts: skipping {p}", file=sys.stderr)
+    return rows
 
 
-def plot(metrics_file, out_dir) -> list[Path]:
+def plot(metrics_file, out_dir, rows=None) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    rows = load(metrics_file)
+    rows = load(metrics_file) if rows is None else rows
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -72,14 +84,22 @@ def plot(metrics_file, out_dir) -> list[Path]:
     return written
 
 
-def main() -> None:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("metrics")
     ap.add_argument("--out", default=None, help="output folder (default: <metrics dir>/plots)")
-    a = ap.parse_args()
-    for p in plot(a.metrics, a.out or Path(a.metrics).parent / "plots"):
+    a = ap.parse_args(argv)
+    if not Path(a.metrics).is_file():
+        print(f"plot_conflicts: {a.metrics} does not exist", file=sys.stderr)
+        return 1
+    rows = [r for r in load(a.metrics) if "step" in r]
+    if not rows:
+        print(f"plot_conflicts: no data in {a.metrics}", file=sys.stderr)
+        return 1
+    for p in plot(a.metrics, a.out or Path(a.metrics).parent / "plots", rows=rows):
         print(p)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

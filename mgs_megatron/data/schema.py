@@ -6,23 +6,28 @@ A row (jsonl line, parquet row, or `datasets` row) must have:
   - `domain` (non-empty str), unless the source sets a default domain;
   - the domain's ground-truth fields (DOMAIN_FIELDS; register more with `register_domain_fields`):
       math: `answer` (str or number);
-      if:   `instruction_id_list` (list[str]) and `kwargs` (list of dict/None, same length);
+      if:   `instruction_id_list` (list[str]) and `kwargs` (list of dict/None, same length), every id known to the
+            IFEval checkers and its kwargs the ones its checker takes (rewards/ifeval.py `check_instruction`);
       chat: nothing.
   - optional `id` (str/int); extra fields are kept and reach the reward as `sample`.
-Errors are `DataValidationError`s naming file, row (1-based; for jsonl the line number) and field.
+Errors are `DataValidationError`s naming file, row (1-based; for jsonl the line number) and field (or only the
+file, for a file-level problem: unsupported type, no rows).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 _ROLES = {"system", "user", "assistant", "tool"}
+log = logging.getLogger(__name__)
 
 
 class DataValidationError(ValueError):
-    def __init__(self, file: str, row: int, field_name: str, message: str):
+    def __init__(self, file: str, row: Optional[int], field_name: Optional[str], message: str):
         self.file, self.row, self.field = file, row, field_name
-        super().__init__(f"{file}: row {row}: field '{field_name}': {message}")
+        where = f"row {row}: field '{field_name}': " if row is not None else ""
+        super().__init__(f"{file}: {where}{message}")
 
 
 @dataclass
@@ -58,6 +63,36 @@ def _check_if(row: dict, err: Callable[[str, str], Exception]) -> None:
     for j, k in enumerate(kw):
         if k is not None and not isinstance(k, dict):
             raise err("kwargs", f"item {j} is {type(k).__name__}, expected a dict or null")
+    check = _instruction_checker()
+    if check is None:
+        return
+    prompt = row.get("prompt") if isinstance(row.get("prompt"), str) else next(
+        (m.get("content", "") for m in reversed(row.get("messages") or []) if isinstance(m, dict)
+         and m.get("role") == "user"), "")
+    for j, (iid, k) in enumerate(zip(ids, kw)):
+        try:
+            check(iid, k, prompt)
+        except KeyError as e:
+            raise err("instruction_id_list", f"item {j}: {e.args[0]}") from None
+        except ValueError as e:
+            raise err("kwargs", f"item {j}: {e}") from None
+
+
+_CHECKER: list = []
+
+
+def _instruction_checker() -> Optional[Callable[[str, Any, str], None]]:
+    """rewards.ifeval.check_instruction, or None (warned once) where the IFEval checkers cannot be imported."""
+    if not _CHECKER:
+        try:
+            from mgs_megatron.rewards.ifeval import check_instruction, load_ifeval
+
+            load_ifeval()
+            _CHECKER.append(check_instruction)
+        except ImportError as e:
+            log.warning("IF rows' instruction ids are not checked: the IFEval checkers do not import (%s)", e)
+            _CHECKER.append(None)
+    return _CHECKER[0]
 
 
 DOMAIN_FIELDS: dict[str, Callable[[dict, Callable[[str, str], Exception]], None]] = {

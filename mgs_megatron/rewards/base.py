@@ -7,8 +7,11 @@ timeout report status "timeout" (also score 0). Counters are kept per domain by 
 Registry (like verl's core_algos): `@register_reward("name")` on a Reward subclass or a factory; a user reward
 is given by dotted path "pkg.module:fn" or "pkg.module.fn" and may be
   - a Reward subclass (instantiated with the spec's kwargs),
-  - a plain function `fn(prompt, response, sample) -> float` (scored item by item), or
+  - a plain function `fn(prompt, response, sample) -> float`, scored item by item in worker processes with a
+    per-item deadline (`item_timeout_s`, the same as math_verify's; None: in this process, no deadline), or
   - a factory returning a Reward.
+`resolve_reward` finds (imports) a name or dotted path without building it: the config check calls it before any
+rank starts, so a misspelt reward is an error up front, not a run of zeros.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from typing import Any, Callable, Sequence
 logger = logging.getLogger(__name__)
 
 OK, FAILED, TIMEOUT = "ok", "failed", "timeout"
+DEFAULT_TIMEOUT_S = 5.0  # per-item deadline of math_verify and of user functions (rewards.timeout_s)
 
 
 @dataclass
@@ -141,26 +145,61 @@ def reward_has_accuracy(name_or_path: str) -> bool:
     return bool(getattr(obj, "has_accuracy", False))
 
 
-def build_reward(name_or_path: str, **kwargs) -> Reward:
-    """Registry name, domain name (its default reward) or dotted path -> a Reward instance."""
+def resolve_reward(name_or_path: str) -> Any:
+    """The registered class / factory of a name (or of a domain's default reward), or the object a dotted path
+    names; ValueError saying what is wrong (unknown name, import failure, not callable). Builds nothing."""
     _ensure_builtin_registered()
     key = DOMAIN_DEFAULTS.get(name_or_path, name_or_path)
     if key in REWARD_REGISTRY:
-        return REWARD_REGISTRY[key](**kwargs)
+        return REWARD_REGISTRY[key]
     if "." not in name_or_path and ":" not in name_or_path:
-        raise KeyError(f"unknown reward {name_or_path!r}; registered: {sorted(REWARD_REGISTRY)}, "
-                       f"domains: {sorted(DOMAIN_DEFAULTS)}, or give a dotted path 'pkg.module:fn'")
-    obj = import_by_path(name_or_path)
+        raise ValueError(f"unknown reward {name_or_path!r}: not a registered reward ({sorted(REWARD_REGISTRY)}), "
+                         f"not a domain with a default reward ({sorted(DOMAIN_DEFAULTS)}), and not a dotted path "
+                         f"'pkg.module:fn'")
+    try:
+        obj = import_by_path(name_or_path)
+    except Exception as e:  # noqa: BLE001 - any import-time error of the user's module is the user's to see
+        raise ValueError(f"reward {name_or_path!r} cannot be imported: {type(e).__name__}: {e}") from None
+    if not (callable(obj) or isinstance(obj, Reward)):
+        raise ValueError(f"reward {name_or_path!r} is a {type(obj).__name__}, not a function, a Reward or a factory")
+    return obj
+
+
+def _is_plain_function(obj: Any, kwargs: dict) -> bool:
+    try:
+        n_params = len(inspect.signature(obj).parameters)
+    except (TypeError, ValueError):
+        return False
+    return not inspect.isclass(obj) and n_params >= 3 and not kwargs
+
+
+def build_reward(name_or_path: str, item_timeout_s: float | None = DEFAULT_TIMEOUT_S, **kwargs) -> Reward:
+    """Registry name, domain name (its default reward) or dotted path -> a Reward instance. `item_timeout_s`: the
+    per-item deadline (rewards.timeout_s) of a plain function by dotted path (run in worker processes; None: in this
+    process without one) and of a registered reward that takes `timeout_s` (math_verify) unless kwargs set it."""
+    obj = resolve_reward(name_or_path)
+    if DOMAIN_DEFAULTS.get(name_or_path, name_or_path) in REWARD_REGISTRY:
+        if item_timeout_s is not None and "timeout_s" not in kwargs and _takes(obj, "timeout_s"):
+            kwargs["timeout_s"] = item_timeout_s
+        return obj(**kwargs)
     if inspect.isclass(obj) and issubclass(obj, Reward):
         return obj(**kwargs)
     if isinstance(obj, Reward):
         return obj
-    if callable(obj):
-        n_params = len(inspect.signature(obj).parameters)
-        if n_params >= 3 and not kwargs:  # fn(prompt, response, sample)
+    if _is_plain_function(obj, kwargs):  # fn(prompt, response, sample)
+        if item_timeout_s is None:
             return FunctionReward(obj, name=name_or_path)
-        made = obj(**kwargs)  # factory
-        if isinstance(made, Reward):
-            return made
-        raise TypeError(f"{name_or_path} is neither fn(prompt, response, sample) nor a Reward factory")
-    raise TypeError(f"{name_or_path} is not callable")
+        from .worker import ProcessFunctionReward
+
+        return ProcessFunctionReward(target=name_or_path, timeout_s=item_timeout_s)
+    made = obj(**kwargs)  # factory
+    if isinstance(made, Reward):
+        return made
+    raise TypeError(f"{name_or_path} is neither fn(prompt, response, sample) nor a Reward factory")
+
+
+def _takes(obj: Any, param: str) -> bool:
+    try:
+        return param in inspect.signature(obj).parameters
+    except (TypeError, ValueError):
+        return False

@@ -133,6 +133,30 @@ def build_checker(instruction_id: str, kwargs: dict | None, prompt: str = ""):
     return checker
 
 
+def check_instruction(instruction_id: str, kwargs: dict | None, prompt: str = "") -> None:
+    """What the data loader runs on every IF row (so a bad row fails before training, naming file, row and field):
+    KeyError for an instruction id the checkers do not know, ValueError for kwargs the checker does not take, lacks
+    or rejects."""
+    registry = load_ifeval()["instructions_registry"].INSTRUCTION_DICT
+    if instruction_id not in registry:
+        import difflib
+
+        close = difflib.get_close_matches(instruction_id, list(registry), n=3)
+        raise KeyError(f"unknown IFEval instruction id {instruction_id!r}"
+                       + (f" (did you mean {', '.join(map(repr, close))}?)" if close else
+                          f" ({len(registry)} known, e.g. {', '.join(sorted(registry)[:3])})"))
+    params = inspect.signature(registry[instruction_id](instruction_id).build_description).parameters
+    unexpected = sorted(k for k, v in (kwargs or {}).items() if v is not None and k not in params)
+    if unexpected:
+        raise ValueError(f"{instruction_id}: unexpected kwargs {unexpected} (it takes {sorted(params)})")
+    try:
+        build_checker(instruction_id, kwargs, prompt)
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a checker rejecting its arguments, in its own words
+        raise ValueError(f"{instruction_id}: {type(e).__name__}: {e}") from None
+
+
 def _loose_variants(response: str) -> list[str]:
     """IFEval 'loose' accuracy: also try without first/last line and without '*'."""
     lines = response.split("\n")

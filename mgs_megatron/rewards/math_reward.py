@@ -9,8 +9,8 @@ Extraction (`extract_answer`), in order:
 Set `fallback="boxed_only"` to require the box (stricter format reward), "answer_is" to skip the last-number one.
 
 Equivalence: `verify(parse(gold), parse(pred))` with both sides wrapped in `$...$` (plain `{1,2}` parses to
-nothing otherwise), math-verify's own SIGALRM timeouts disabled, run in spawned worker processes with a hard
-per-item timeout (see worker.py for why).
+nothing otherwise), math-verify's own SIGALRM timeouts disabled, run in worker processes (their own program, not
+`spawn`: they do not re-run the caller's main module) with a hard per-item timeout (see worker.py for why).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import logging
 import re
 from typing import Sequence
 
-from .base import FAILED, Reward, RewardInput, ScoreOutcome, register_reward
+from .base import DEFAULT_TIMEOUT_S, FAILED, Reward, RewardInput, ScoreOutcome, register_reward
 
 _BOX_CMDS = ("\\boxed", "\\fbox")
 _ANSWER_IS = re.compile(r"(?:final\s+answer|answer)\s*(?:is|:|=)\s*:?\s*([^\n]+)", re.IGNORECASE)
@@ -110,7 +110,7 @@ class MathReward(Reward):
     name = "math_verify"
     has_accuracy = True
 
-    def __init__(self, timeout_s: float = 5.0, num_workers: int = 1, executor: str = "process",
+    def __init__(self, timeout_s: float = DEFAULT_TIMEOUT_S, num_workers: int = 1, executor: str = "process",
                  fallback: str = "last_number", answer_key: str = "answer", max_response_chars: int = 20000):
         if executor not in ("process", "inline"):
             raise ValueError(f"executor must be 'process' or 'inline', got {executor!r}")

@@ -12,12 +12,14 @@
     optim     megatron.optim.OptimConfig     Adam, clipping, micro-batch size
     strategy                                 mixed | sequential | mgs
     mgs       surgery.SurgeryConfig          the surgery (strategy mgs)
-    rewards   {domain: rewards.DomainRewardSpec}
+    rewards   rewards.RewardConfig           a reward per domain (rewards.DomainRewardSpec), per-item deadline,
+                                             when a failing reward stops the run
     warmup    rl.warmup.WarmupConfig         supervised warm-up of the toy job
 
 Every key is checked against these dataclasses before anything heavy happens (mgs_megatron/config.py: an unknown
 key, a wrong type or a choice not offered raises one `ConfigError` naming the dotted key); `check_paths(cfg)` then
-checks the files (data rows, model and tokenizer directories, every domain has a reward).
+checks the files (data rows, model and tokenizer directories, the parallel layout against the model, every domain's
+reward resolved, the output directory writable and not holding another run's checkpoints).
 """
 
 from __future__ import annotations
@@ -33,11 +35,13 @@ from mgs_megatron.data.prompt_sampler import DataConfig
 from mgs_megatron.errors import ConfigError
 from mgs_megatron.megatron.model import ParallelConfig
 from mgs_megatron.megatron.optim import OptimConfig
-from mgs_megatron.rewards.manager import DomainRewardSpec
+from mgs_megatron.rewards.manager import RewardConfig
 from mgs_megatron.rl.algos import AlgoConfig
 from mgs_megatron.rl.warmup import WarmupConfig
 from mgs_megatron.rollout.config import RolloutConfig
 from mgs_megatron.surgery.config import SurgeryConfig
+
+_GROUP_RELATIVE = ("grpo", "rloo")  # advantage estimators relative to the prompt's group of rollout.n samples
 
 
 @dataclass
@@ -64,8 +68,10 @@ class RunConfig:
     """Also log to Weights & Biases (pip install wandb; WANDB_MODE as usual)."""
     wandb_project: str = ""
     """Weights & Biases project ('': the run name)."""
-    resume: Literal["auto", "never"] = "auto"
-    """'auto': continue from the newest checkpoint in <output_dir>/checkpoints; 'never': start over."""
+    resume: Literal["auto", "never", "overwrite"] = "auto"
+    """'auto': continue from the newest complete checkpoint in <output_dir>/checkpoints (a damaged one is skipped,
+    with a warning naming its file), else start at step 0; 'never': start at step 0, refusing an output_dir that
+    already holds checkpoints; 'overwrite': start at step 0, deleting the checkpoints and metrics already there."""
     export_hf: bool = True
     """Write the final model as an HF directory to <output_dir>/hf."""
     progress: bool = True
@@ -74,6 +80,9 @@ class RunConfig:
     """Testing aid: exit (a simulated crash) right after this step's checkpoint (-1: never)."""
     keep_checkpoints: int = 2
     """Checkpoints kept (older ones are deleted after a new one is complete)."""
+    log_level: Literal["debug", "info", "warning", "error"] = "warning"
+    """Messages shown (rank 0): 'warning' shows ours (damaged checkpoint, failing reward, truncated prompts) and
+    hides the libraries' (vLLM's start-up lines, torch / Triton / NUMA warnings); 'debug' shows everything."""
 
     def __post_init__(self):
         if self.total_steps < 1:
@@ -150,8 +159,8 @@ class TrainConfig:
     'sequential': one domain after another (data.stages)."""
     mgs: SurgeryConfig = field(default_factory=SurgeryConfig)
     """The surgery (strategy mgs)."""
-    rewards: dict[str, DomainRewardSpec] = field(default_factory=dict)
-    """Reward per domain; math, if and chat have defaults (math_verify, ifeval, reward_model)."""
+    rewards: RewardConfig = field(default_factory=RewardConfig)
+    """Rewards: one per domain, the per-item deadline, when a failing reward stops the run."""
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     """Supervised warm-up (toy job)."""
 
@@ -164,6 +173,11 @@ class TrainConfig:
             training_temperature(self.algo, self.rollout.temperature)
         except ValueError as e:
             raise ConfigError(f"config key 'algo.logprob_temperature': {e}") from None
+        if self.algo.adv_estimator in _GROUP_RELATIVE and self.rollout.n < 2:
+            raise ConfigError(f"config key 'rollout.n': {self.rollout.n} sample per prompt, but "
+                              f"algo.adv_estimator={self.algo.adv_estimator!r} scores each sample against the other "
+                              f"samples of its prompt: every advantage would be 0 and nothing would train (set "
+                              f"rollout.n >= 2)")
 
     def to_dict(self) -> dict:
         return to_tree(self)
@@ -200,10 +214,12 @@ def model_config_of(cfg: TrainConfig):
 
 def check_paths(cfg: TrainConfig, world_size: int | None = None) -> dict:
     """File-level checks, up front: model path reachable, the model's config supported and the parallel layout fits
-    it (and `world_size`, when given), data rows carry a domain, every domain has a reward.
+    it (and `world_size`, when given), data rows valid (file, row and field named), every domain's reward resolved
+    (imported, not built), the output directory writable and, with run.resume=never, free of checkpoints.
     Returns {domain: [PromptSample]} of the training sources (loaded once here)."""
     from mgs_megatron.data import DataValidationError, load_sources
-    from mgs_megatron.rewards import DOMAIN_DEFAULTS
+    from mgs_megatron.rewards import DOMAIN_DEFAULTS, resolve_reward
+    from mgs_megatron.rl.resume import check_output_dir
 
     m = cfg.model
     if m.path and not (Path(m.path) / "config.json").is_file():
@@ -213,10 +229,15 @@ def check_paths(cfg: TrainConfig, world_size: int | None = None) -> dict:
         raise ConfigError(f"config key 'model.tokenizer': tokenizer directory {tok!r} is not reachable")
     if m.init_checkpoint and not Path(m.init_checkpoint).is_dir():
         raise ConfigError(f"config key 'model.init_checkpoint': {m.init_checkpoint!r} does not exist")
+    model_key = "model.path" if m.path else "model.hf_config"
     try:
-        cfg.parallel.check(model_config_of(cfg), world_size)
+        model_cfg = model_config_of(cfg)
+    except ValueError as e:  # ConfigError, or a config.json that is not JSON
+        raise ConfigError(f"config key '{model_key}': {e}") from None
+    try:
+        cfg.parallel.check(model_cfg, world_size)
     except ConfigError as e:
-        raise ConfigError(f"config key '{'model.path' if m.path else 'model.hf_config'}' / 'parallel': {e}") from None
+        raise ConfigError(f"config key 'parallel' (model from {model_key}): {e}") from None
     for key, srcs in (("data.sources", cfg.data.sources), ("data.val_sources", cfg.data.val_sources)):
         for s in srcs:
             path = s if isinstance(s, str) else (s.get("path") if isinstance(s, dict) else None)
@@ -226,20 +247,30 @@ def check_paths(cfg: TrainConfig, world_size: int | None = None) -> dict:
         data = load_sources(list(cfg.data.sources))
     except DataValidationError as e:
         raise ConfigError(f"config key 'data.sources': {e}") from None
+    try:
+        if cfg.data.val_sources:
+            load_sources(list(cfg.data.val_sources))
+    except DataValidationError as e:
+        raise ConfigError(f"config key 'data.val_sources': {e}") from None
     for d in list(cfg.data.proportions) or list(data):
         if d not in data:
             raise ConfigError(f"config key 'data.proportions.{d}': no prompts of domain {d!r} in data.sources")
-        spec = cfg.rewards.get(d)
+        spec = cfg.rewards.domains.get(d)
         if spec is None and d not in DOMAIN_DEFAULTS:
-            raise ConfigError(f"config key 'rewards.{d}': domain {d!r} has no reward (set rewards.{d}.reward)")
-        name = spec.reward if spec is not None else DOMAIN_DEFAULTS[d]
-        kwargs = spec.kwargs if spec is not None else {}
-        if name in ("reward_model", "chat") and not kwargs.get("model_path"):
-            raise ConfigError(f"config key 'rewards.{d}.kwargs.model_path': the reward model of domain {d!r} "
-                              f"needs a model_path")
-        if kwargs.get("model_path") and not Path(kwargs["model_path"]).is_dir():
-            raise ConfigError(f"config key 'rewards.{d}.kwargs.model_path': {kwargs['model_path']!r} is not "
-                              f"reachable")
+            raise ConfigError(f"config key 'rewards.domains.{d}': domain {d!r} has no reward (set "
+                              f"rewards.domains.{d}.reward)")
+        spec = cfg.rewards.spec(d)
+        try:
+            resolve_reward(spec.reward)
+        except ValueError as e:
+            raise ConfigError(f"config key 'rewards.domains.{d}.reward': {e}") from None
+        if spec.reward in ("reward_model", "chat") and not spec.kwargs.get("model_path"):
+            raise ConfigError(f"config key 'rewards.domains.{d}.kwargs.model_path': the reward model of domain "
+                              f"{d!r} needs a model_path")
+        if spec.kwargs.get("model_path") and not Path(spec.kwargs["model_path"]).is_dir():
+            raise ConfigError(f"config key 'rewards.domains.{d}.kwargs.model_path': {spec.kwargs['model_path']!r} "
+                              f"is not reachable")
+    check_output_dir(cfg.run)
     return data
 
 

@@ -2,9 +2,13 @@
 
 `MetricsWriter` (rank 0 only) appends one JSON line per step to RUN/metrics.jsonl (always), and mirrors the
 scalars to TensorBoard (`run.tensorboard`) and Weights & Biases (`run.wandb`; optional, `pip install wandb`).
+metrics.jsonl holds one history: at a (re)start, lines of steps past the checkpoint (all of them when starting at
+step 0) are dropped, and so is a torn line a crash left mid-write, with a warning; `read_metrics` is the one
+tolerant reader (the summary table and tools/plot_conflicts.py use it).
 `PhaseTimer` times the step's phases into time/<phase>; `domain_metrics` gives reward / accuracy / length per
-domain; `module_cosines` the per-module gradient cosines that tools/plot_conflicts.py draws; `summary_table` the
-start / end table a run prints.
+domain; `rollout_metrics` the truncated prompts; `module_cosines` the per-module gradient cosines that
+tools/plot_conflicts.py draws; `progress_postfix` the progress bar's text; `summary_table` the start / end table a
+run prints.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import resource
 import time
 from pathlib import Path
@@ -29,6 +34,7 @@ class MetricsWriter:
                  wandb_project: str = ""):
         self.file = Path(out) / "metrics.jsonl"
         self.tb = self.wb = None
+        self._told_truncation = False
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -54,11 +60,21 @@ class MetricsWriter:
                    wandb=cfg.run.wandb, wandb_project=cfg.run.wandb_project)
 
     def truncate_after(self, step: int) -> None:
-        """After a resume, drop lines of steps past the checkpoint (they will be redone)."""
+        """At a (re)start from `step`, keep only the history up to it: lines of later steps (they will be redone;
+        at step 0, every line: a second history is never appended) and torn lines (a crash mid-write) are dropped,
+        with a warning. The file is replaced atomically."""
         if not self.file.exists():
             return
-        lines = [ln for ln in self.file.read_text().splitlines() if ln.strip()]
-        self.file.write_text("".join(ln + "\n" for ln in lines if json.loads(ln).get("step", 0) <= step))
+        rows, problems = read_metrics(self.file)
+        keep = [r for r in rows if step > 0 and r.get("step", 0) <= step]
+        for p in problems:
+            log.warning("%s; dropped", p)
+        if len(keep) < len(rows):
+            log.warning("%s: dropped %d line(s) of steps after %d (they are redone)", self.file, len(rows) - len(keep),
+                        step)
+        tmp = self.file.with_name(self.file.name + ".part")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        os.replace(tmp, self.file)
 
     def log(self, metrics: dict) -> None:
         with open(self.file, "a") as f:
@@ -70,6 +86,13 @@ class MetricsWriter:
             self.tb.flush()
         if self.wb is not None:
             self.wb.log(scalars, step=metrics["step"])
+        cut, dropped = metrics.get("rollout/truncated_prompts"), metrics.get("rollout/dropped_prompts")
+        if (cut or dropped) and not self._told_truncation:
+            self._told_truncation = True
+            log.warning("step %d: %d prompt(s) longer than rollout.max_prompt_len were truncated to their last tokens "
+                        "and %d dropped (rollout.prompt_truncation; counted in rollout/truncated_prompts and "
+                        "rollout/dropped_prompts; 'error' refuses them instead)", metrics["step"], cut or 0,
+                        dropped or 0)
 
     def close(self) -> None:
         if self.tb is not None:
@@ -86,6 +109,24 @@ def _wandb_id(out: Path) -> str:
 
         f.write_text(uuid.uuid4().hex[:12])
     return f.read_text().strip()
+
+
+def read_metrics(path) -> tuple[list[dict], list[str]]:
+    """(rows, problems) of a metrics.jsonl: a line that is not a JSON object (a torn last line of a crash, or a file
+    still being written) is skipped and named in `problems` with its file and line number."""
+    rows, problems = [], []
+    for i, ln in enumerate(Path(path).read_text(errors="replace").splitlines(), start=1):
+        if not ln.strip():
+            continue
+        try:
+            row = json.loads(ln)
+        except ValueError:
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            problems.append(f"{path}: line {i} is not a complete JSON object (a torn write?): {ln[:60]!r}")
+    return rows, problems
 
 
 # ================================================================================================ pure helpers
@@ -123,6 +164,29 @@ def domain_metrics(samples, domains: Sequence[str], accuracy_threshold: Callable
             out[f"acc/{d}"] = accuracy(r[idx].tolist(), threshold)
     out["reward/all"] = float(r.mean())
     out["samples_kept"] = len(samples.keep)
+    return out
+
+
+def rollout_metrics(rollouts, num_prompts: int) -> dict:
+    """rollout/truncated_prompts: prompts of the step cut to rollout.max_prompt_len (counted once per prompt);
+    rollout/dropped_prompts: prompts that got no samples (rollout.prompt_truncation=drop)."""
+    sampled = {ro.prompt_index for ro in rollouts}
+    return {"rollout/truncated_prompts": float(sum(ro.prompt_truncated for ro in rollouts if ro.sample_index == 0)),
+            "rollout/dropped_prompts": float(num_prompts - len(sampled))}
+
+
+def progress_postfix(m: dict, domains: Sequence[str]) -> dict[str, str]:
+    """The progress bar's text: each domain's reward, with its failed / timed-out reward calls when there were
+    any, and the truncated prompts."""
+    out = {}
+    for d in domains:
+        text = f"{m.get(f'reward/{d}', 0):.2f}"
+        bad = [f"{int(m[k])} {w}" for w, k in (("failed", f"reward/{d}/failed"), ("timeout", f"reward/{d}/timeout"))
+               if m.get(k)]
+        out[d] = text + (f" ({', '.join(bad)})" if bad else "")
+    for what in ("truncated", "dropped"):
+        if m.get(f"rollout/{what}_prompts"):
+            out[what] = str(int(m[f"rollout/{what}_prompts"]))
     return out
 
 
@@ -189,7 +253,7 @@ def summary_table(metrics_file: Path, domains=None) -> str:
     """Per-domain reward at the start vs the end of a run, each measured the same way: the training reward as the
     mean over the first / last k steps (k = a fifth of the run, 1..10), and, when the run validated, the greedy
     validation reward at the first vs the last validation (step 0 = before any RL update)."""
-    rows = [json.loads(ln) for ln in Path(metrics_file).read_text().splitlines() if ln.strip()]
+    rows, _ = read_metrics(metrics_file)
     val = [r for r in rows if any(k.startswith("val/") for k in r)]
     rows = [r for r in rows if r.get("step", 0) > 0 and any(k.startswith("reward/") for k in r)]
     if not rows:

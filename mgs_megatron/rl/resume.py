@@ -5,8 +5,13 @@ preemption request (SIGTERM) that makes every rank checkpoint and stop.
     rank_<r>.pt     this rank's model shards (local state dict), optimizer internals (Adam moments, fp32 main
                     params of low-precision models), RNG states, MGS rule state
     trainer.json    step, sampler position, config (rank 0)
-<output_dir>/checkpoints/latest   the name of the newest complete checkpoint (written last, atomically)
+<output_dir>/checkpoints/latest   the name of the newest complete checkpoint (written last, atomically; a hint for
+                                  people and tools: resume scans the step_<N> directories and never needs it)
 
+Resume (`Checkpointer.load_newest`) takes the newest checkpoint that every rank can read; a damaged or incomplete
+one (a truncated rank file, no trainer.json) is skipped with a warning naming the file, and older ones are tried.
+Nothing is deleted when a run starts: rotation removes only checkpoints older than the one just written, and
+`check_output_dir` (before launch) refuses run.resume=never in a directory that holds checkpoints.
 Resume needs the same world size and layout (the shards are per rank); move a run to another layout through the
 model weights (mgs_megatron.weights.save_weights / the final HF export).
 """
@@ -14,6 +19,7 @@ model weights (mgs_megatron.weights.save_weights / the final HF export).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -27,6 +33,9 @@ import torch
 import torch.distributed as dist
 
 from mgs_megatron.devices import HOST, collective_device, compute_device
+from mgs_megatron.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def _inner_optimizers(optimizer):
@@ -79,12 +88,22 @@ def load_rng_state(state: dict) -> None:
         get_cuda_rng_tracker().set_states(state["megatron_tracker"])
 
 
-def latest(root: Path) -> Optional[Path]:
-    f = root / "latest"
-    if not f.is_file():
-        return None
-    p = root / f.read_text().strip()
-    return p if (p / "trainer.json").is_file() else None
+def step_dirs(root: Path) -> list[Path]:
+    """The step_<N> directories under root, newest first (other names are not checkpoints)."""
+    found = [p for p in Path(root).glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]), reverse=True)
+
+
+def missing_files(path: Path, world_size: int) -> list[str]:
+    """Files a complete checkpoint of `world_size` ranks has and `path` lacks."""
+    need = ["trainer.json"] + [f"rank_{r}.pt" for r in range(world_size)]
+    return [f for f in need if not (path / f).is_file()]
+
+
+def latest(root: Path, world_size: Optional[int] = None) -> Optional[Path]:
+    """The newest complete checkpoint under root (found by scanning; `world_size` None: this job's)."""
+    world = world_size or (dist.get_world_size() if dist.is_initialized() else 1)
+    return next((p for p in step_dirs(root) if not missing_files(p, world)), None)
 
 
 def save(root: Path, step: int, chunks, optimizer, trainer_state: dict, extra_rank_state: dict,
@@ -107,32 +126,131 @@ def save(root: Path, step: int, chunks, optimizer, trainer_state: dict, extra_ra
         dist.barrier()
     if rank == 0:
         (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=1, default=str))
-        if final.exists():
+        if final.exists():  # a checkpoint of this step that could not be loaded (resume fell back past it)
+            log.warning("replacing %s, which resume could not use", final)
             shutil.rmtree(final)
         os.replace(tmp, final)
         (root / "latest.part").write_text(final.name)
         os.replace(root / "latest.part", root / "latest")
-        steps = sorted((int(p.name.split("_")[1]) for p in root.glob("step_*") if p.name.split("_")[1].isdigit()))
-        for s in steps[:-keep] if keep > 0 else []:
-            shutil.rmtree(root / f"step_{s}", ignore_errors=True)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        older = [p for p in step_dirs(root) if int(p.name[5:]) < step and not missing_files(p, world)]
+        for p in older[max(keep - 1, 0):] if keep > 0 else []:  # complete and older only: never a newer one
+            shutil.rmtree(p, ignore_errors=True)
     if dist.is_initialized():
         dist.barrier()
     return final
 
 
-def load(path: Path, chunks, optimizer) -> tuple[dict, dict]:
-    """Load this rank's part; returns (trainer_state, the rank's extra state)."""
+def read(path: Path) -> tuple[dict, dict]:
+    """(trainer_state, this rank's state) of a checkpoint, touching no model; CheckpointError naming the file that
+    is missing or cannot be read (a truncated rank file, a torn trainer.json)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     f = path / f"rank_{rank}.pt"
     if not f.is_file():
-        raise FileNotFoundError(f"checkpoint {path} has no {f.name}: was it written with another world size?")
-    state = torch.load(f, map_location=HOST, weights_only=False)  # load_state_dict copies onto each param's device
+        raise CheckpointError(f"{f} is missing: was the checkpoint written with another world size?")
+    try:
+        state = torch.load(f, map_location=HOST, weights_only=False)  # load_state_dict copies onto each param's device
+    except Exception as e:  # noqa: BLE001 - torch's zip reader names no file: name it
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise CheckpointError(f"{f} is damaged ({type(e).__name__}: {first})") from None
+    try:
+        trainer_state = json.loads((path / "trainer.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path / 'trainer.json'} is damaged ({type(e).__name__}: {e})") from None
+    return trainer_state, state
+
+
+def apply(state: dict, chunks, optimizer) -> None:
+    """Load a rank state (from `read`) into the model chunks, the optimizer and the RNGs."""
     for c, sd in zip(chunks, state["model"]):
         c.load_state_dict(sd)
     load_optimizer_state(optimizer, state["optimizer"])
     load_rng_state(state["rng"])
-    trainer_state = json.loads((path / "trainer.json").read_text())
+
+
+def load(path: Path, chunks, optimizer) -> tuple[dict, dict]:
+    """Load this rank's part; returns (trainer_state, the rank's extra state)."""
+    trainer_state, state = read(path)
+    apply(state, chunks, optimizer)
     return trainer_state, state
+
+
+def load_newest(root: Path, chunks, optimizer) -> Optional[tuple[Path, dict, dict]]:
+    """Every rank calls. Loads the newest checkpoint that every rank can read -> (path, trainer_state, this rank's
+    state), or None when root holds no checkpoint. A damaged or incomplete one is skipped with a warning (rank 0)
+    naming the file; CheckpointError when checkpoints exist but none can be loaded, or they are of another world
+    size."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    skipped: list[str] = []
+    for path in step_dirs(root):
+        problem, loaded = None, None
+        written_by = _world_size_of(path)
+        if written_by not in (None, world):
+            raise CheckpointError(f"{path} was written by {written_by} ranks, this job has {world}: resume needs the "
+                                  f"same world size and layout")
+        missing = missing_files(path, world)
+        if missing:
+            problem = f"{path} is incomplete (no {', '.join(missing)})"
+        else:
+            try:
+                loaded = read(path)
+            except CheckpointError as e:
+                problem = str(e)
+        problems = _gather(problem)
+        if any(problems):
+            skipped.append("; ".join(sorted({p for p in problems if p})))
+            continue
+        trainer_state, state = loaded
+        apply(state, chunks, optimizer)
+        if skipped and _rank() == 0:
+            log.warning("%s; resuming from the newest complete checkpoint %s instead", "; ".join(skipped), path)
+        return path, trainer_state, state
+    if skipped:
+        raise CheckpointError(f"no checkpoint in {root} can be loaded: {'; '.join(skipped)}. Move them away (or set "
+                              f"run.resume=overwrite to start over and delete them)")
+    return None
+
+
+def _world_size_of(path: Path) -> Optional[int]:
+    try:
+        return int(json.loads((path / "trainer.json").read_text())["world_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _gather(problem: Optional[str]) -> list[Optional[str]]:
+    """Every rank's problem with a checkpoint (None: fine), so that all ranks take the same one."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [problem]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, problem)
+    return out
+
+
+def check_output_dir(run) -> None:
+    """Before any work (RunConfig `run`): <output_dir> and its checkpoints/ are writable, and run.resume=never does
+    not start over in a directory that holds checkpoints (ConfigError naming the key)."""
+    out = Path(run.output_dir)
+    ckpt = out / "checkpoints"
+    for d in (out, ckpt):
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            probe = d / f".write_probe_{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError(f"config key 'run.output_dir': {str(d)!r} is not writable ({type(e).__name__}: "
+                              f"{e.strerror or e}); checkpoints and metrics go there") from None
+    found = step_dirs(ckpt)
+    if run.resume == "never" and found:
+        raise ConfigError(f"config key 'run.resume': 'never' starts over, but {ckpt} holds checkpoints "
+                          f"({', '.join(p.name for p in found[:3])}{', ...' if len(found) > 3 else ''}); refusing to "
+                          f"overwrite them: set run.resume=auto to continue from them, run.resume=overwrite to delete "
+                          f"them, or another run.output_dir")
 
 
 def wait_for(path: Path, timeout: float = 60.0) -> None:
@@ -165,6 +283,21 @@ class Checkpointer:
 
     def latest(self) -> Optional[Path]:
         return latest(self.root)
+
+    def load_newest(self, chunks, optimizer) -> Optional[tuple[Path, dict, dict]]:
+        found = load_newest(self.root, chunks, optimizer)
+        if found is not None:
+            self.last_saved = int(found[1]["step"])
+        return found
+
+    def clear(self) -> None:
+        """run.resume=overwrite: rank 0 deletes the checkpoints under root (every rank calls)."""
+        if _rank() == 0:
+            for p in step_dirs(self.root):
+                shutil.rmtree(p)
+            (self.root / "latest").unlink(missing_ok=True)
+        if dist.is_initialized():
+            dist.barrier()
 
 
 class Preemption:

@@ -25,7 +25,6 @@ from mgs_megatron.data.templates import resolve_chat_template
 from mgs_megatron.megatron import parallel
 from mgs_megatron.models import model_config_from_hf
 from mgs_megatron.rewards import RewardManager
-from mgs_megatron.rl import resume
 from mgs_megatron.rl.batches import pack_plan, rank_plan, score_samples
 from mgs_megatron.rl.config import TrainConfig, check_paths, read_hf_config
 from mgs_megatron.rl.metrics import (
@@ -33,7 +32,9 @@ from mgs_megatron.rl.metrics import (
     PhaseTimer,
     domain_metrics,
     module_cosines,
+    progress_postfix,
     reduce_max,
+    rollout_metrics,
     summary_table,
     system_stats,
 )
@@ -80,7 +81,7 @@ class Trainer:
         self.domains = list(self.prompts.domains)
         self.policy = Policy(cfg, self.model_cfg, self.domains, start, self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path)
-        self.rewards = RewardManager({d: cfg.rewards.get(d) or {"reward": d} for d in self.domains})
+        self.rewards = RewardManager(cfg.rewards, domains=self.domains)
         self.validator = Validator(val, self.domains, val_every=cfg.run.val_every, total_steps=cfg.run.total_steps)
         self.checkpoints = Checkpointer(self.out / "checkpoints", every=cfg.run.save_every,
                                         keep=cfg.run.keep_checkpoints)
@@ -88,11 +89,13 @@ class Trainer:
         self.step = 0
         if cfg.run.resume == "auto":
             self._resume()
+        elif cfg.run.resume == "overwrite":
+            self.checkpoints.clear()
         self.backend = build_backend(  # starts from the resumed weights
             cfg.rollout, chunks=self.policy.chunks, model_cfg=self.model_cfg, tokenizer=self.tokenizer,
             seed=cfg.run.seed, device=self.device, workdir=self.out, hf_config=self.hf_config,
             hf_side_dir=cfg.model.tokenizer or cfg.model.path, logprob_temperature=self.policy.temperature,
-            chat_template=resolve_chat_template(cfg.data.chat_template))
+            chat_template=resolve_chat_template(cfg.data.chat_template), weights_version=self.step)
         self.writer = MetricsWriter.for_run(cfg, self.out) if self.is_main else None
 
     # ================================================================================================ one step
@@ -102,10 +105,12 @@ class Trainer:
         with timer("generate"):
             prompts = self.prompts.next_step()
             rollouts = self.backend.generate([p.as_messages() for p in prompts], cfg.rollout.n, step=self.step)
+            m.update(rollout_metrics(rollouts, len(prompts)))
         with timer("score"):
-            scores = score_rollouts(self.rewards, prompts, rollouts)
+            scored = score_rollouts(self.rewards, prompts, rollouts)
+            m.update(self.rewards.check_step(scored.domains, scored.outcomes))  # stops a run of failing rewards
         with timer("advantages"):
-            samples = score_samples(prompts, rollouts, scores, cfg.algo)
+            samples = score_samples(prompts, rollouts, scored.scores, cfg.algo)
             m.update(domain_metrics(samples, self.domains, self.rewards.accuracy_threshold))
         with timer("batches"):
             plan = rank_plan(samples, cfg.optim.micro_batch_size, self.dp, self.dp_rank, self.domains)
@@ -148,18 +153,15 @@ class Trainer:
                                      self.policy.state_dict())
 
     def _resume(self) -> None:
-        path = self.checkpoints.latest()
-        if path is None:
+        found = self.checkpoints.load_newest(self.policy.chunks, self.policy.optimizer)  # skips damaged ones, says so
+        if found is None:
             return
-        state, extra = resume.load(path, self.policy.chunks, self.policy.optimizer)
-        if state["world_size"] != dist.get_world_size():
-            raise RuntimeError(f"checkpoint {path} was written with world size {state['world_size']}, "
-                               f"this job has {dist.get_world_size()}")
-        self.step = self.checkpoints.last_saved = int(state["step"])
+        path, state, extra = found
+        self.step = int(state["step"])
         self.prompts.load_state_dict(state["sampler"])
         self.policy.load_state_dict(extra)
         if self.is_main:
-            log.info("resumed from %s at step %d", path, self.step)
+            print(f"mgs-train: resumed from step {self.step} ({path})", flush=True)
 
     # ================================================================================================ the loop
     def fit(self) -> list[dict]:
@@ -178,13 +180,14 @@ class Trainer:
             history.append(m)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix({d: f"{m.get(f'reward/{d}', 0):.2f}" for d in self.domains})
+                bar.set_postfix(progress_postfix(m, self.domains))
             stopping = self.preemption.requested()
             if self.checkpoints.due(self.step, stopping):
                 self.save()
             if stopping:
                 if self.is_main:
-                    log.warning("SIGTERM: checkpoint written at step %d, exiting", self.step)
+                    log.warning("preempted (SIGTERM) after step %d: checkpoint written to %s; run the same command "
+                                "again to resume", self.step, self.checkpoints.root / f"step_{self.step}")
                 raise Preempted(self.step)
             if cfg.run.fail_at_step == self.step:
                 raise SystemExit(17)  # testing aid: a crash right after this step's (periodic) save
@@ -217,7 +220,7 @@ class Trainer:
 
 
 def run(cfg: TrainConfig) -> list[dict]:
-    logging.basicConfig(level=os.environ.get("MGS_LOG_LEVEL", "WARNING"))
+    logging.basicConfig(level=cfg.run.log_level.upper())  # mgs-train configures its own output first
     trainer = Trainer(cfg)
     try:
         hist = trainer.fit()

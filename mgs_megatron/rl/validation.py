@@ -1,8 +1,10 @@
-"""Greedy validation on held-out prompts: val/<domain>/reward (and val/<domain>/acc where full marks mean correct),
-at step 0, every run.val_every steps and at the end."""
+"""Greedy validation on held-out prompts: val/<domain>/reward (and val/<domain>/acc where full marks mean correct,
+val/<domain>/failed when a reward call failed or timed out), at step 0, every run.val_every steps and at the last
+step (run.val_every 0: only those two)."""
 
 from __future__ import annotations
 
+from mgs_megatron.rewards import OK
 from mgs_megatron.rl.metrics import accuracy
 from mgs_megatron.rl.scoring import score_rollouts
 
@@ -30,15 +32,19 @@ class Validator:
         """Greedy responses of the rollout backend, scored per domain (every rank calls it)."""
         rollouts = backend.generate([p.as_messages() for p in self.prompts], 1, step=_VAL_STEP_OFFSET + step,
                                     temperature=0.0)
-        scores = score_rollouts(rewards, self.prompts, rollouts)
+        scored = score_rollouts(rewards, self.prompts, rollouts)
         out = {}
         for d in self.domains:
-            s = [sc for sc, ro in zip(scores, rollouts) if self.prompts[ro.prompt_index].domain == d]
-            if s:
-                out[f"val/{d}/reward"] = sum(s) / len(s)
+            mine = [o for o, dom in zip(scored.outcomes, scored.domains) if dom == d]
+            if mine:
+                scores = [o.score for o in mine]
+                out[f"val/{d}/reward"] = sum(scores) / len(scores)
                 threshold = rewards.accuracy_threshold(d)
                 if threshold is not None:
-                    out[f"val/{d}/acc"] = accuracy(s, threshold)
+                    out[f"val/{d}/acc"] = accuracy(scores, threshold)
+                failed = sum(o.status != OK for o in mine)
+                if failed:
+                    out[f"val/{d}/failed"] = float(failed)
         return out
 
 

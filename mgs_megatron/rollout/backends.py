@@ -72,18 +72,16 @@ class MegatronBackend(RolloutBackend):
                  chat_template: Optional[str] = None):
         self.cfg, self.chunks, self.tok, self.vocab_size = cfg, chunks, tokenizer, vocab_size
         self.seed, self.batch_size, self.chat_template = seed, batch_size, chat_template
-        self.truncated_prompts = self.dropped_prompts = 0
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    def encode(self, prompt, index: int = 0) -> Optional[list[int]]:
-        """Token ids within max_prompt_len (rollout.prompt_truncation; None: dropped), counted."""
+    def encode(self, prompt, index: int = 0) -> tuple[Optional[list[int]], bool]:
+        """(token ids within max_prompt_len, whether they were truncated) under rollout.prompt_truncation, as in
+        RolloutEngine.prepare; ids None: the prompt is dropped."""
         ids = encode_prompt(self.tok, [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt,
                             self.chat_template)
         fitted = fit_prompt(ids, self.cfg.max_prompt_len, self.cfg.prompt_truncation, index)
-        self.truncated_prompts += fitted is not None and len(fitted) < len(ids)
-        self.dropped_prompts += fitted is None
-        return fitted
+        return fitted, fitted is not None and len(fitted) < len(ids)
 
     @torch.no_grad()
     def _sample(self, prompt_ids: list[list[int]], seeds: list[int], temperature: float) -> list[list[int]]:
@@ -123,7 +121,9 @@ class MegatronBackend(RolloutBackend):
         temperature = self.cfg.temperature if temperature is None else temperature
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         lo, hi = split_range(len(prompts), dp, dp_rank)
-        encoded = {g: self.encode(prompts[g], g) for g in range(lo, hi)}
+        encoded, cut = {}, {}
+        for g in range(lo, hi):
+            encoded[g], cut[g] = self.encode(prompts[g], g)
         jobs = [(g, k) for g in range(lo, hi) if encoded[g] is not None for k in range(n)]
         mine = []
         # every DP rank runs the same number of batches (PP/TP peers share them; DP ranks are independent)
@@ -134,7 +134,7 @@ class MegatronBackend(RolloutBackend):
             for (g, k), r in zip(batch, resp):
                 finish = "stop" if r and r[-1] == self.eos else "length"
                 text = self.tok.decode([t for t in r if t != self.eos], skip_special_tokens=True)
-                mine.append(Rollout(encoded[g], r, [0.0] * len(r), text, finish, g, k))
+                mine.append(Rollout(encoded[g], r, [0.0] * len(r), text, finish, g, k, prompt_truncated=cut[g]))
         return _gather(mine)
 
 
@@ -143,12 +143,14 @@ class VLLMBackend(RolloutBackend):
     in place after every optimizer step (rollout/sync.py)."""
 
     def __init__(self, cfg: RolloutConfig, hf_dir: str, chunks, model_cfg, *, seed: int, device: str,
-                 logprobs_mode: str = "processed_logprobs", chat_template: Optional[str] = None):
+                 logprobs_mode: str = "processed_logprobs", chat_template: Optional[str] = None,
+                 weights_version: int = 0):
         from mgs_megatron.rollout.engine import RolloutEngine
 
         self.cfg, self.chunks, self.model_cfg = cfg, chunks, model_cfg
         self.engine = RolloutEngine(hf_dir, cfg, seed=seed, device=device, tokenizer=hf_dir,
                                     logprobs_mode=logprobs_mode, chat_template=chat_template)
+        self.engine.version = weights_version  # a resumed run's weights are those of its step
 
     def generate(self, prompts, n, *, step, temperature=None):
         world = dist.get_world_size() if dist.is_initialized() else 1
@@ -173,11 +175,12 @@ class VLLMBackend(RolloutBackend):
 
 def build_backend(cfg: RolloutConfig, *, chunks, model_cfg, tokenizer, seed: int, device: str, workdir: Path,
                   hf_config: dict, hf_side_dir: Optional[str], logprob_temperature: float,
-                  chat_template: Optional[str] = None) -> RolloutBackend:
+                  chat_template: Optional[str] = None, weights_version: int = 0) -> RolloutBackend:
     """The configured backend; vLLM starts from an HF export of the live weights in `workdir`/rollout_init (which
     also carries the tokenizer files) and reports log-probs of the distribution the trainer's log-probs refer to
     (softmax(logits / logprob_temperature): the sampled one when that is the rollout temperature, else the raw
-    logits' when it is 1)."""
+    logits' when it is 1). `weights_version`: the version of those weights (the resumed step), so that
+    rollout/weights_version continues across a resume."""
     if cfg.backend == "megatron":
         return MegatronBackend(cfg, chunks, tokenizer, model_cfg.vocab_size, seed=seed, chat_template=chat_template)
     from mgs_megatron.weights import export_hf
@@ -186,4 +189,4 @@ def build_backend(cfg: RolloutConfig, *, chunks, model_cfg, tokenizer, seed: int
     export_hf(chunks, model_cfg, hf_dir, hf_config=hf_config, overwrite=True, hf_side_dir=hf_side_dir)
     mode = "processed_logprobs" if logprob_temperature == cfg.temperature else "raw_logprobs"
     return VLLMBackend(cfg, str(hf_dir), chunks, model_cfg, seed=seed, device=device, logprobs_mode=mode,
-                       chat_template=chat_template)
+                       chat_template=chat_template, weights_version=weights_version)

@@ -35,7 +35,8 @@ def engine_kwargs(model_path: str, cfg: RolloutConfig, *, seed: int = 0, device:
     kw = dict(model=str(model_path), tokenizer=str(tokenizer or model_path), dtype=cfg.dtype,
               enforce_eager=cfg.enforce_eager, max_model_len=cfg.max_model_len, seed=seed,
               max_num_seqs=cfg.max_num_seqs, logprobs_mode=logprobs_mode,
-              tensor_parallel_size=cfg.rollout_tp)
+              tensor_parallel_size=cfg.rollout_tp,
+              use_tqdm_on_load=os.environ.get("VLLM_LOGGING_LEVEL", "INFO").upper() in ("DEBUG", "INFO"))
     if dist.is_available() and dist.is_initialized():
         world = dist.get_world_size()
         if world % cfg.rollout_tp:

@@ -39,7 +39,7 @@ def test_dotted_paths(user_module):
     assert import_by_path(f"{user_module}:length") is import_by_path(f"{user_module}.length")
     r = build_reward(f"{user_module}:length")
     assert r.score_batch([RewardInput("p", "abcde")])[0].score == 0.5
-    with pytest.raises(KeyError):
+    with pytest.raises(ValueError, match="unknown reward 'no_such_reward'"):
         build_reward("no_such_reward")
 
 
@@ -50,10 +50,10 @@ def test_raising_and_nan_reward_score_zero_and_are_counted(user_module):
              RewardInput("p", "r", {}, "missing_domain")]
     res = mgr.score(items)
     assert res.scores == [0.0, 1.0, 0.0, 0.0]
-    assert res.metrics["reward/x/failures"] == 1 and res.metrics["reward/y/failures"] == 1
-    assert res.metrics["reward/ok/failures"] == 0 and res.metrics["reward/missing_domain/failures"] == 1
+    assert res.metrics["reward/x/failed"] == 1 and res.metrics["reward/y/failed"] == 1
+    assert res.metrics["reward/ok/failed"] == 0 and res.metrics["reward/missing_domain/failed"] == 1
     mgr.score(items[:1])
-    assert mgr.counters["reward/x/failures"] == 2 and mgr.counters["reward/x/count"] == 2
+    assert mgr.counters["reward/x/failed"] == 2 and mgr.counters["reward/x/count"] == 2
 
 
 def test_hanging_reward_is_bounded_by_timeout(user_module):
@@ -69,7 +69,7 @@ def test_hanging_reward_is_bounded_by_timeout(user_module):
         mgr.close()
     assert res.scores == [1.0, 0.0, 1.0, 0.0, 1.0]
     assert [o.status for o in res.outcomes] == ["ok", "timeout", "ok", "timeout", "ok"]
-    assert res.metrics["reward/slow/timeouts"] == 2 and res.metrics["reward/slow/failures"] == 0
+    assert res.metrics["reward/slow/timeout"] == 2 and res.metrics["reward/slow/failed"] == 0
     assert elapsed < 2 * 1.0 + 8  # two timeouts plus two worker restarts, not 600 s
 
 

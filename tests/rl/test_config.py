@@ -38,7 +38,7 @@ def test_file_level_checks(tmp_path, toy):
         load_config(TINY, ov + [f"model.path={tmp_path}"])
     poetry = tmp_path / "poetry.jsonl"
     poetry.write_text(json.dumps({"domain": "poetry", "prompt": "A poem."}) + "\n")
-    with pytest.raises(ConfigError, match="rewards.poetry.*no reward"):
+    with pytest.raises(ConfigError, match="rewards.domains.poetry.*no reward"):
         check_paths(load_config(TINY, ov + [f"data.sources=[{toy['math']},{poetry}]"]))
     nodomain = tmp_path / "nodomain.jsonl"
     nodomain.write_text(json.dumps({"prompt": "hi"}) + "\n")
