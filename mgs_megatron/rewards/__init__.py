@@ -16,10 +16,11 @@ from .base import (
                    register_reward,
                    resolve_reward,
                    safe_score_batch,
+                   unknown_kwargs,
 )
 from .manager import DomainRewardSpec, RewardBatchResult, RewardConfig, RewardManager
 
 __all__ = ["DEFAULT_TIMEOUT_S", "DOMAIN_DEFAULTS", "FAILED", "OK", "REWARD_REGISTRY", "TIMEOUT", "FunctionReward",
            "Reward", "RewardInput", "ScoreOutcome", "build_reward", "import_by_path", "register_reward",
-           "resolve_reward", "safe_score_batch", "DomainRewardSpec", "RewardBatchResult", "RewardConfig",
-           "RewardManager"]
+           "resolve_reward", "safe_score_batch", "unknown_kwargs", "DomainRewardSpec", "RewardBatchResult",
+           "RewardConfig", "RewardManager"]

@@ -165,6 +165,18 @@ def resolve_reward(name_or_path: str) -> Any:
     return obj
 
 
+def unknown_kwargs(obj: Any, kwargs: dict) -> list[str]:
+    """The keys of `kwargs` that the reward class / factory `obj` does not take (none when it takes **kwargs or
+    has no readable signature)."""
+    try:
+        params = inspect.signature(obj).parameters
+    except (TypeError, ValueError):
+        return []
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return []
+    return sorted(k for k in kwargs if k not in params)
+
+
 def _is_plain_function(obj: Any, kwargs: dict) -> bool:
     try:
         n_params = len(inspect.signature(obj).parameters)

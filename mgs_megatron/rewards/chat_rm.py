@@ -7,6 +7,10 @@ sees the pads); the score is read at the last non-pad token by the model's own p
 tokenizer and `model.config.pad_token_id` are set so the pooling index is right. (Caveat of HF's pooling: a
 real trailing token equal to pad_token_id is treated as padding; it is so in batched and unbatched alike.)
 
+`response_span` picks the scored part of the response (rewards/spans.py; "response_tag": the official recipe's text
+between `<response>` and `</response>`). An input longer than `max_length` tokens keeps its end (the response's end
+and the template's closing tokens) and is counted in `truncated` (warned once): never silently.
+
 Backends: "hf" (transformers, CPU or one GPU). "vllm" is a documented hook for GPU runs (vLLM's pooling
 runner, `LLM(model=path, runner="pooling")` + `llm.encode`/`classify`): not implemented here, and vLLM is
 never imported at module import time.
@@ -17,6 +21,7 @@ import logging
 from typing import Any, Sequence
 
 from .base import Reward, RewardInput, ScoreOutcome, register_reward
+from .spans import check_span, response_span
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +37,10 @@ class RewardModelReward(Reward):
 
     def __init__(self, model_path: str, backend: str = "hf", device: str = "cpu", dtype: str = "float32",
                  batch_size: int = 8, max_length: int = 2048, scale: float = 1.0, shift: float = 0.0,
-                 squash: str | None = None):
+                 squash: str | None = None, response_span: str = "all"):
         """`score = squash(scale * logit + shift)`; squash in {None, "sigmoid"}."""
+        self.span = check_span(response_span)
+        self.truncated = 0
         if backend == "vllm":
             raise NotImplementedError(
                 "vLLM pooling backend for the chat reward model is a GPU hook not implemented yet: build "
@@ -57,12 +64,13 @@ class RewardModelReward(Reward):
         self.scale, self.shift, self.squash = float(scale), float(shift), squash
 
     def texts(self, items: Sequence[RewardInput]) -> list[str]:
-        return [self.tok.apply_chat_template(to_messages(it.prompt, it.response), tokenize=False)
-                for it in items]
+        return [self.tok.apply_chat_template(to_messages(it.prompt, response_span(it.response, self.span)),
+                                             tokenize=False) for it in items]
 
     def logits(self, texts: Sequence[str]) -> list[float]:
         out: list[float] = []
         for i in range(0, len(texts), self.batch_size):
+            self._count_truncated(texts[i:i + self.batch_size])
             # the template already holds the special tokens: do not add bos/eos again
             enc = self.tok(list(texts[i:i + self.batch_size]), padding=True, truncation=True,
                            max_length=self.max_length, add_special_tokens=False, return_tensors="pt")
@@ -71,6 +79,15 @@ class RewardModelReward(Reward):
                                     attention_mask=enc["attention_mask"].to(self.device)).logits
             out.extend(logits[:, 0].float().cpu().tolist())
         return out
+
+    def _count_truncated(self, texts: Sequence[str]) -> None:
+        lengths = [len(ids) for ids in self.tok(list(texts), add_special_tokens=False)["input_ids"]]
+        cut = sum(n > self.max_length for n in lengths)
+        if cut and not self.truncated:
+            logger.warning("reward model: %d input(s) longer than max_length=%d tokens (longest %d) keep their last "
+                           "%d tokens; counted in RewardModelReward.truncated", cut, self.max_length, max(lengths),
+                           self.max_length)
+        self.truncated += cut
 
     def score_batch(self, items: Sequence[RewardInput]) -> list[ScoreOutcome]:
         raw = self.logits(self.texts(items))

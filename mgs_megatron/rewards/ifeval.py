@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .base import Reward, RewardInput, register_reward
+from .spans import check_span, response_span
 
 logger = logging.getLogger(__name__)
 _LOCK = threading.Lock()
@@ -188,18 +189,19 @@ def if_score(instruction_ids: Sequence[str], kwargs_list: Sequence[dict | None],
 @register_reward("ifeval", "if")
 class IFEvalReward(Reward):
     """Fraction of `sample["instruction_id_list"]` followed. Checks are regex/counting (fast), so they run
-    in-process; a checker error becomes a counted failure (score 0) through the base class."""
+    in-process; a checker error becomes a counted failure (score 0) through the base class. `response_span`:
+    the part of the response checked (rewards/spans.py; the official recipe checks the `<response>` part)."""
 
     name = "ifeval"
     has_accuracy = True
 
-    def __init__(self, loose: bool = False, all_or_nothing: bool = False):
-        self.loose, self.all_or_nothing = loose, all_or_nothing
+    def __init__(self, loose: bool = False, all_or_nothing: bool = False, response_span: str = "all"):
+        self.loose, self.all_or_nothing, self.span = loose, all_or_nothing, check_span(response_span)
 
     def score_one(self, item: RewardInput) -> float:
         s = item.sample
         flags = follow_flags(s["instruction_id_list"], s["kwargs"], _last_user_text(item.prompt),
-                             item.response, self.loose)
+                             response_span(item.response, self.span), self.loose)
         if not flags:
             return 0.0
         return float(all(flags)) if self.all_or_nothing else sum(flags) / len(flags)

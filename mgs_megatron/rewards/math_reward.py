@@ -8,6 +8,12 @@ Extraction (`extract_answer`), in order:
   No answer found -> score 0 with status "ok" (a wrong answer, not a reward failure).
 Set `fallback="boxed_only"` to require the box (stricter format reward), "answer_is" to skip the last-number one.
 
+`extraction="hf_math_verify"` is the official MGS recipe's path (its verl's reward_score/hf_math_verify.py): the text
+after the last `<response>`, cut at the first stop word (`</response>`, `</s>`, `<|im_end|>`, `<|endoftext|>`); the
+last `\\boxed{...}` there, else `\\boxed{<answer>}` of the fallbacks above; gold as `\\boxed{gold}` (unless boxed);
+then math-verify's own `parse` of both and `verify`. (The official code runs it on the reward model's decoded input,
+prompt included, so a box in the prompt can win when the response has none; we score the response only.)
+
 Equivalence: `verify(parse(gold), parse(pred))` with both sides wrapped in `$...$` (plain `{1,2}` parses to
 nothing otherwise), math-verify's own SIGALRM timeouts disabled, run in worker processes (their own program, not
 `spawn`: they do not re-run the caller's main module) with a hard per-item timeout (see worker.py for why).
@@ -94,8 +100,36 @@ def math_equal(gold: str, pred: str) -> bool:
     return bool(verify(g, p, timeout_seconds=None))
 
 
-def math_score(gold: str, response: str, fallback: str = "last_number") -> float:
-    """The function run in the worker: 1.0 if the extracted answer equals `gold`, else 0.0."""
+_STOP_WORDS = ("</s>", "<|im_end|>", "<|endoftext|>", "</response>")
+
+
+def hf_math_verify_target(response: str, fallback: str = "last_number") -> str:
+    """The boxed prediction the official recipe verifies (see the module docstring)."""
+    text = response.split("<response>")[-1]
+    for sw in _STOP_WORDS:
+        if sw in text:
+            text = text.split(sw, 1)[0].strip()
+    boxed = last_boxed(text)
+    if boxed is None:
+        boxed, _ = extract_answer(text, fallback)
+    return f"\\boxed{{{boxed or ''}}}"
+
+
+def hf_math_verify_equal(gold: str, target_boxed: str) -> bool:
+    from math_verify import parse, verify
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    gold_boxed = gold if "\\boxed" in gold else f"\\boxed{{{gold}}}"
+    g, p = parse(gold_boxed, parsing_timeout=None), parse(target_boxed, parsing_timeout=None)
+    return bool(g and p and verify(g, p, timeout_seconds=None))
+
+
+EXTRACTIONS = ("boxed", "hf_math_verify")
+
+
+def math_score(gold: str, response: str, fallback: str = "last_number", extraction: str = "boxed") -> float:
+    """The function run in the worker: 1.0 if the response's answer equals `gold`, else 0.0."""
+    if extraction == "hf_math_verify":
+        return 1.0 if hf_math_verify_equal(str(gold), hf_math_verify_target(response, fallback)) else 0.0
     ans, _ = extract_answer(response, fallback)
     if ans is None:
         return 0.0
@@ -111,9 +145,13 @@ class MathReward(Reward):
     has_accuracy = True
 
     def __init__(self, timeout_s: float = DEFAULT_TIMEOUT_S, num_workers: int = 1, executor: str = "process",
-                 fallback: str = "last_number", answer_key: str = "answer", max_response_chars: int = 20000):
+                 fallback: str = "last_number", answer_key: str = "answer", max_response_chars: int = 20000,
+                 extraction: str = "boxed"):
         if executor not in ("process", "inline"):
             raise ValueError(f"executor must be 'process' or 'inline', got {executor!r}")
+        if extraction not in EXTRACTIONS:
+            raise ValueError(f"extraction must be one of {EXTRACTIONS}, got {extraction!r}")
+        self.extraction = extraction
         self.timeout_s, self.executor, self.fallback = float(timeout_s), executor, fallback
         self.answer_key, self.max_chars = answer_key, max_response_chars
         self.num_workers = num_workers
@@ -123,7 +161,7 @@ class MathReward(Reward):
         if self.answer_key not in item.sample:
             raise KeyError(f"math sample has no {self.answer_key!r} field")
         # only the tail matters for the last \boxed{}; bounding the length bounds the regex/parse work
-        return str(item.sample[self.answer_key]), item.response[-self.max_chars:], self.fallback
+        return str(item.sample[self.answer_key]), item.response[-self.max_chars:], self.fallback, self.extraction
 
     def score_batch(self, items: Sequence[RewardInput]) -> list[ScoreOutcome]:
         out: list[ScoreOutcome | None] = [None] * len(items)

@@ -218,7 +218,7 @@ def check_paths(cfg: TrainConfig, world_size: int | None = None) -> dict:
     (imported, not built), the output directory writable and, with run.resume=never, free of checkpoints.
     Returns {domain: [PromptSample]} of the training sources (loaded once here)."""
     from mgs_megatron.data import DataValidationError, load_sources
-    from mgs_megatron.rewards import DOMAIN_DEFAULTS, resolve_reward
+    from mgs_megatron.rewards import DOMAIN_DEFAULTS, resolve_reward, unknown_kwargs
     from mgs_megatron.rl.resume import check_output_dir
 
     m = cfg.model
@@ -261,9 +261,13 @@ def check_paths(cfg: TrainConfig, world_size: int | None = None) -> dict:
                               f"rewards.domains.{d}.reward)")
         spec = cfg.rewards.spec(d)
         try:
-            resolve_reward(spec.reward)
+            found = resolve_reward(spec.reward)
         except ValueError as e:
             raise ConfigError(f"config key 'rewards.domains.{d}.reward': {e}") from None
+        bad = unknown_kwargs(found, spec.kwargs)
+        if bad:
+            raise ConfigError(f"config key 'rewards.domains.{d}.kwargs.{bad[0]}': reward {spec.reward!r} takes no "
+                              f"argument {bad[0]!r}")
         if spec.reward in ("reward_model", "chat") and not spec.kwargs.get("model_path"):
             raise ConfigError(f"config key 'rewards.domains.{d}.kwargs.model_path': the reward model of domain "
                               f"{d!r} needs a model_path")

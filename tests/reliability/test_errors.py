@@ -102,7 +102,8 @@ def test_weights_version_continues_after_resume(tmp_path, monkeypatch):
     monkeypatch.setattr(engine, "RolloutEngine", FakeEngine)
     monkeypatch.setattr("mgs_megatron.weights.export_hf", lambda *a, **k: None)
     b = backends.build_backend(RolloutConfig(backend="vllm"), chunks=[], model_cfg=None, tokenizer=None, seed=0,
-                               device="cpu", workdir=tmp_path, hf_config={}, hf_side_dir=None, weights_version=7)
+                               device="cpu", workdir=tmp_path, hf_config={}, hf_side_dir=None, logprob_temperature=1.0,
+                               weights_version=7)
     assert b.engine.version == 7
 
 

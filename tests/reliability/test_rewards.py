@@ -33,6 +33,12 @@ def test_unresolvable_reward_is_a_config_error_before_launch(tmp_path, toy, user
     assert not (tmp_path / "o" / "metrics.jsonl").exists()
 
 
+def test_misspelt_reward_kwarg_is_a_config_error_before_launch(tmp_path, toy):
+    ov = base_overrides(toy, tmp_path / "o") + ["rewards.domains.math.kwargs.extration=hf_math_verify"]
+    with pytest.raises(ConfigError, match=re.escape("'rewards.domains.math.kwargs.extration'") + ".*takes no"):
+        check_paths(load_config(TINY, ov))
+
+
 # ------------------------------------------------------------------------------------------------ 2
 def _step(manager, domain, outcomes):
     return manager.check_step([domain] * len(outcomes), outcomes)

@@ -43,10 +43,12 @@ OFFICIAL = [
                                                                                          "parameter"), "A:51-147"),
     ("projection threshold |g_j|^2 > 1e-12", lambda c: c.mgs.eps, 1e-12, "A:115-138"),
     ("non-finite gradient norm skips the step", lambda c: c.mgs.on_nonfinite, "skip_step", "A:188-233"),
-    ("math: math-verify on the whole response", lambda c: (c.rewards.domains["math"].reward,
-                                                           c.rewards.domains["math"].kwargs.get("extraction")),
-     ("math_verify", "math_verify"), "W:2304-2318, hf_math_verify"),
-    ("IF: fraction of instructions followed", lambda c: c.rewards.domains["if"].reward, "ifeval", "W:2319-2337"),
+    ("math: the <response> part, last box, math-verify", lambda c: (
+        c.rewards.domains["math"].reward, c.rewards.domains["math"].kwargs.get("extraction")),
+     ("math_verify", "hf_math_verify"), "W:2304-2318, H:9-56"),
+    ("IF: fraction of instructions followed in the <response> part", lambda c: (
+        c.rewards.domains["if"].reward, c.rewards.domains["if"].kwargs.get("response_span")),
+     ("ifeval", "response_tag"), "W:2319-2337"),
     ("chat: reward model on the response with the thinking stripped", lambda c: (
         c.rewards.domains["chat"].reward, c.rewards.domains["chat"].kwargs.get("response_span")),
      ("reward_model", "response_tag"), "W:2181-2200"),
