@@ -7,6 +7,10 @@ sees the pads); the score is read at the last non-pad token by the model's own p
 tokenizer and `model.config.pad_token_id` are set so the pooling index is right. (Caveat of HF's pooling: a
 real trailing token equal to pad_token_id is treated as padding; it is so in batched and unbatched alike.)
 
+Placement: one copy per node, not per rank (`placement = "node"`): the trainer sends this reward's items to the
+node's LOCAL_RANK 0 (rl/scoring.py), so `device: cuda` means that rank's GPU (give it the memory: lower
+rollout.gpu_memory_utilization there, or `device: cpu`).
+
 Backends: "hf" (transformers, CPU or one GPU). "vllm" is a documented hook for GPU runs (vLLM's pooling
 runner, `LLM(model=path, runner="pooling")` + `llm.encode`/`classify`): not implemented here, and vLLM is
 never imported at module import time.
@@ -29,11 +33,14 @@ def to_messages(prompt: Any, response: str) -> list[dict]:
 @register_reward("reward_model", "chat")
 class RewardModelReward(Reward):
     name = "reward_model"
+    placement = "node"  # one copy per node: the trainer scores its items on LOCAL_RANK 0 only (rl/scoring.py)
 
     def __init__(self, model_path: str, backend: str = "hf", device: str = "cpu", dtype: str = "float32",
                  batch_size: int = 8, max_length: int = 2048, scale: float = 1.0, shift: float = 0.0,
-                 squash: str | None = None):
-        """`score = squash(scale * logit + shift)`; squash in {None, "sigmoid"}."""
+                 squash: str | None = None, offload: bool = False):
+        """`score = squash(scale * logit + shift)`; squash in {None, "sigmoid"}. offload: keep the model in CPU
+        memory and move it to `device` only while it scores (in the trainer that is while vLLM sleeps and Megatron
+        is not training, so it takes no GPU memory from either)."""
         if backend == "vllm":
             raise NotImplementedError(
                 "vLLM pooling backend for the chat reward model is a GPU hook not implemented yet: build "
@@ -49,11 +56,11 @@ class RewardModelReward(Reward):
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token
         self.model = AutoModelForSequenceClassification.from_pretrained(
-            model_path, dtype=getattr(torch, dtype)).to(device).eval()
+            model_path, dtype=getattr(torch, dtype)).to("cpu" if offload else device).eval()
         if self.model.config.num_labels != 1:
             logger.warning("reward model has %d labels; using logit 0", self.model.config.num_labels)
         self.model.config.pad_token_id = self.tok.pad_token_id
-        self.device, self.batch_size, self.max_length = device, int(batch_size), int(max_length)
+        self.device, self.batch_size, self.max_length, self.offload = device, int(batch_size), int(max_length), offload
         self.scale, self.shift, self.squash = float(scale), float(shift), squash
 
     def texts(self, items: Sequence[RewardInput]) -> list[str]:
@@ -61,6 +68,15 @@ class RewardModelReward(Reward):
                 for it in items]
 
     def logits(self, texts: Sequence[str]) -> list[float]:
+        if self.offload:
+            self.model.to(self.device)
+            try:
+                return self._logits(texts)
+            finally:
+                self.model.to("cpu")
+        return self._logits(texts)
+
+    def _logits(self, texts: Sequence[str]) -> list[float]:
         out: list[float] = []
         for i in range(0, len(texts), self.batch_size):
             # the template already holds the special tokens: do not add bos/eos again

@@ -71,6 +71,12 @@ def latest(root: Path) -> Optional[Path]:
     return p if (p / "trainer.json").is_file() else None
 
 
+def latest_step(root: Path) -> Optional[int]:
+    """The step of the newest complete checkpoint under `root` (None: none)."""
+    path = latest(Path(root))
+    return None if path is None else int(json.loads((path / "trainer.json").read_text())["step"])
+
+
 def save(root: Path, step: int, chunks, optimizer, trainer_state: dict, extra_rank_state: dict,
          keep: int = 2) -> Path:
     """Every rank calls; returns the final directory."""

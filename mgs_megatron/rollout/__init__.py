@@ -9,8 +9,9 @@
   distribute  generate_distributed(engine, prompts): split prompts over engines, every rank gets the rollouts
               of its Megatron DP rank
   logprobs    megatron_token_logprobs / rollout_logprobs / logprob_diff (the rollout/logprob_diff metric)
-  gpu         GPU-only: sleep-mode kwargs and sleep / wake around training (untested on CPU)
-  backends    the trainer's rollout backends (vllm: engine + sync; megatron: token-by-token fallback), build_backend
+  gpu         vLLM and Megatron on the same GPUs: CUDA engine arguments, the engine's sleep / wake state
+  backends    the trainer's rollout backends (vllm: engine started before the policy + sync + sleep / wake;
+              megatron: token-by-token fallback), start_vllm, build_backend
 
 Engine placement (CPU and GPU alike): every rank of the job holds an engine. vLLM, when it finds
 torch.distributed already initialised, builds its groups from OUR default process group with collectives over
