@@ -31,5 +31,4 @@ def test_an_impossible_pin_fails(tmp_path):
     # vllm 0.32.0 requires transformers >= 5.16.1: a constraint against it must make the resolution fail
     (tmp_path / "c.txt").write_text("transformers<5\n")
     r = _dry_run({"PIP_CONSTRAINT": str(tmp_path / "c.txt")})
-    assert r.returncode != 0
-    assert "transformers" in r.stderr and "conflict" in r.stderr.lower(), r.stderr[-3000:]
+    assert r.returncode != 0 and "ResolutionImpossible" in r.stderr, r.stdout[-2000:] + r.stderr[-3000:]

@@ -87,19 +87,25 @@ te_version() {  # megatron-core 0.16's own `dev` extra pins transformer-engine <
 
 dry_run_gpu() {
   # Resolve without installing: pip --dry-run --report, with fast-deps (HTTP range requests read each wheel's
-  # metadata; without it pip downloads every wheel: ~4.3 GB). A pip of its own, so no environment is touched.
+  # metadata; without it pip downloads every wheel: ~4.3 GB), for PYTHON's version. A current pip runs from its
+  # wheel (or, where PYTHON has no pip, from a throwaway venv): no environment is touched.
   local tmp; tmp=$(mktemp -d); TMP_DIRS+=("$tmp")
-  "$PY" -m venv "$tmp/venv"
-  "$tmp/venv/bin/python" -m pip install -q --upgrade pip
+  local pip
+  if "$PY" -m pip download -q --no-deps --only-binary=:all: -d "$tmp" "pip>=24" >/dev/null 2>&1; then
+    pip=("$PY" "$(ls "$tmp"/pip-*.whl)/pip")
+  else
+    "$PY" -m venv "$tmp/venv" && "$tmp/venv/bin/python" -m pip install -q --upgrade pip
+    pip=("$tmp/venv/bin/python" -m pip)
+  fi
   local reqs=(".[gpu,test]")
   if [ "$TE" = 1 ]; then
     # its PyTorch part is an sdist that only builds against an installed CUDA torch: resolve its core and deps
-    local mcore; mcore=$("$tmp/venv/bin/python" -c "import sys; print('0.16.1' if sys.version_info < (3, 12) else '0.19.2')")
+    local mcore; mcore=$("$PY" -c "import sys; print('0.16.1' if sys.version_info < (3, 12) else '0.19.2')")
     reqs+=("transformer_engine[core_cu13]==$(te_version "$mcore")" "${TE_BUILD_DEPS[@]}")
   fi
-  "$tmp/venv/bin/python" -m pip install --dry-run --ignore-installed --quiet --use-feature=fast-deps \
-    --report "$tmp/report.json" "${reqs[@]}"
-  "$tmp/venv/bin/python" - "$tmp/report.json" <<'PYEOF'
+  "${pip[@]}" install --dry-run --ignore-installed --quiet --use-feature=fast-deps --report "$tmp/report.json" \
+    "${reqs[@]}"
+  "$PY" - "$tmp/report.json" <<'PYEOF'
 import json, sys
 items = json.load(open(sys.argv[1]))["install"]
 got = {i["metadata"]["name"].lower().replace("_", "-"): i["metadata"]["version"] for i in items}

@@ -1,7 +1,8 @@
 """The RL trainer (GRPO; Mixed, Sequential or MGS), read top to bottom.
 
-    set-up  process groups -> data -> supervised warm-up (cached) -> policy (model, reference, optimizer, MGS)
-            -> prompt sampler, rewards, rollout backend -> resume -> validation, checkpoints, metrics
+    set-up  process groups -> data -> supervised warm-up (cached) -> vLLM engine (before the policy allocates GPU
+            memory; asleep) -> policy (model, reference, optimizer, MGS) -> prompt sampler, rewards -> resume
+            -> rollout backend -> validation, checkpoints, metrics
     step    generate -> score -> advantages -> micro-batches -> old/ref logprobs -> update -> weight sync
     loop    step, validate when due, log, checkpoint when due; at the end: checkpoint, HF export, summary table.
     stop    a stop request (SIGTERM: preemption) is checked at phase boundaries (after the rollout, after the train

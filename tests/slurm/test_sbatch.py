@@ -68,6 +68,7 @@ def _stop(proc):
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script, nodes", [("train_single_node.sbatch", 1), ("train_multi_node.sbatch", 2)])
 def test_preempted_job_checkpoints_requeues_once_and_resumes(tmp_path, toy, script, nodes):
     out, job = tmp_path / "run", 4200 + nodes
