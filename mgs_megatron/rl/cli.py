@@ -1,17 +1,23 @@
 """`mgs-train CONFIG.yaml [a.b=c ...] [--debug] [--dry-run]` -- one launcher for one process, torchrun and SLURM.
 
-Not under torchrun (no RANK in the environment): with launcher.nproc_per_node > 1 it re-launches itself through
-torchrun (`torch.distributed.run --nproc-per-node N --standalone`, run by `torchrun` below without torchrun's own
-log lines and tracebacks); with 1 it runs in this process. Under torchrun (also `srun ... torchrun ...` on SLURM,
-see examples/slurm/) it trains directly. The config is fully validated (keys, types, paths, data rows, rewards,
-parallel layout against the model, output directory) before any process is started.
+Not under torchrun (no RANK in the environment): with launcher.nproc_per_node > 1 (or --nnodes > 1) it re-launches
+itself through torchrun (`torch.distributed.run --nproc-per-node N`, run by `torchrun` below without torchrun's own
+log lines and tracebacks; standalone rendezvous on one node; on several, one mgs-train per node, e.g. from srun, with
+--nnodes/--rdzv-endpoint/--rdzv-id: a c10d rendezvous); with 1 it runs in this process. Under a foreign torchrun it
+trains directly. The config is fully validated (keys, types, paths, data rows, rewards, parallel layout against the
+model, output directory) before any process is started.
+
+Stopping (SLURM preemption, kill): SIGTERM is forwarded to torchrun, which forwards it to the ranks and kills them
+TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds later (set here to 240 unless given; keep it below SLURM's --signal lead).
+The ranks checkpoint at the next phase boundary (after the rollout, after the train step) and exit.
 
 What a person sees (stderr), and the exit code:
+  (finished)                        0    also when the stop request came after the end
   mgs-train: config error: ...      2    a bad key, value, data file, reward, layout or output directory; nothing ran
   mgs-train: <kind> error: ...      1    the run stopped on a user-facing error (a reward failing on every item for
                                          rewards.max_failed_steps steps, no loadable checkpoint, ...); checkpoints
                                          already written are intact and the same command resumes from them
-  mgs-train: preempted (SIGTERM)..  143  every rank finished its step and checkpointed; the same command resumes
+  mgs-train: preempted (SIGTERM)..  143  stopped before the end with its checkpoint written; the same command resumes
   --debug adds the traceback of every error and sets run.log_level=debug (the libraries' own output).
 """
 
@@ -21,13 +27,15 @@ import argparse
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 import warnings
 
-EXIT_ERROR, EXIT_CONFIG, EXIT_PREEMPTED = 1, 2, 143
+EXIT_ERROR, EXIT_CONFIG, EXIT_PREEMPTED = 1, 2, 143  # 143 = 128 + SIGTERM, what a shell reports for a SIGTERM
+DEFAULT_GRACE_S = 240  # TORCH_ELASTIC_SHUTDOWN_TIMEOUT unless given: the ranks' time to checkpoint after SIGTERM
 _TORCHRUN = "import sys; from mgs_megatron.rl.cli import torchrun; sys.exit(torchrun(sys.argv[1:]))"
 _LIBRARY_LOGGERS = ("vllm", "transformers", "torch", "triton", "urllib3", "filelock", "datasets", "matplotlib")
 
@@ -45,6 +53,9 @@ def parse(argv=None):
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. strategy=mixed optim.lr=1e-6")
     ap.add_argument("--dry-run", action="store_true", help="validate and print the launch plan, then exit")
     ap.add_argument("--debug", action="store_true", help="tracebacks for every error, and run.log_level=debug")
+    ap.add_argument("--nnodes", type=int, default=1, help="nodes of a multi-node job (one mgs-train per node)")
+    ap.add_argument("--rdzv-endpoint", default="", help="multi-node: HOST:PORT of the c10d rendezvous (a node's)")
+    ap.add_argument("--rdzv-id", default="mgs", help="multi-node: the job's rendezvous id (e.g. SLURM_JOB_ID)")
     return ap.parse_intermixed_args(argv)
 
 
@@ -147,6 +158,47 @@ def torchrun(argv) -> int:
         return 128 - failure.exitcode if failure.exitcode < 0 else failure.exitcode
 
 
+# ================================================================================================ launch
+def torchrun_command(args, nproc: int) -> list[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
+    if args.nnodes > 1:
+        if not args.rdzv_endpoint:
+            raise SystemExit("mgs-train: --nnodes > 1 needs --rdzv-endpoint HOST:PORT (one node's address)")
+        cmd += ["--nnodes", str(args.nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", args.rdzv_endpoint,
+                "--rdzv-id", args.rdzv_id]
+    else:
+        cmd += ["--standalone"]
+    return cmd + ["-m", "mgs_megatron.rl.cli", args.config, *args.overrides, *(["--debug"] if args.debug else [])]
+
+
+def _newest_step(cfg, world_size: int):
+    from pathlib import Path
+
+    from mgs_megatron.rl.resume import latest_step
+
+    return latest_step(Path(cfg.run.output_dir) / "checkpoints", world_size)
+
+
+def _resume_line(cfg, world_size: int) -> str:
+    step = _newest_step(cfg, world_size) if cfg.run.resume == "auto" else None
+    return f"steps: {'from the start' if step is None else f'resuming after step {step}'} to {cfg.run.total_steps}"
+
+
+def _exit_after_stop(cfg, rc: int, world_size: int) -> int:
+    """The status of a run that was asked to stop: 0 if it had finished anyway, else 143 (checkpoint written)."""
+    from pathlib import Path
+
+    step = _newest_step(cfg, world_size)
+    out = Path(cfg.run.output_dir)
+    if step is not None and step >= cfg.run.total_steps and (not cfg.run.export_hf or (out / "hf").is_dir()):
+        return 0
+    if rc != EXIT_PREEMPTED:  # else the ranks said it (rank 0: "preempted (SIGTERM) after step N ...")
+        print(f"mgs-train: stopped by SIGTERM before the end (exit {rc}); newest checkpoint: "
+              f"{'none' if step is None else f'step {step}'} of {cfg.run.total_steps}; exit {EXIT_PREEMPTED}",
+              file=sys.stderr, flush=True)
+    return EXIT_PREEMPTED
+
+
 # ================================================================================================ main
 def main(argv=None) -> int:
     args = parse(argv)
@@ -164,23 +216,24 @@ def main(argv=None) -> int:
         data_log = logging.getLogger("mgs_megatron.data")  # its warnings (empty files) are shown once: by the
         if os.environ.get("MGS_LAUNCHED"):  # launcher's check, not again by each rank's (nor by the trainer's)
             data_log.setLevel(logging.ERROR)
-        check_paths(cfg, int(os.environ["WORLD_SIZE"]) if under_launcher else cfg.launcher.nproc_per_node)
+        n = cfg.launcher.nproc_per_node
+        check_paths(cfg, int(os.environ["WORLD_SIZE"]) if under_launcher else n * args.nnodes)
         data_log.setLevel(logging.ERROR)
     except ConfigError as e:
         report(e, "config", args.debug)
         return EXIT_CONFIG
-    n = cfg.launcher.nproc_per_node
-    if not under_launcher and n > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--standalone",
-               "-m", "mgs_megatron.rl.cli", args.config, *args.overrides, *(["--debug"] if args.debug else [])]
+    if not under_launcher and (n > 1 or args.nnodes > 1):
+        cmd = torchrun_command(args, n)
         if args.dry_run:
             print("launch:", " ".join(cmd))
+            print(_resume_line(cfg, n * args.nnodes))
             return 0
-        return _launch([sys.executable, "-c", _TORCHRUN, *cmd[3:]], cfg, args.debug)
+        return _launch([sys.executable, "-c", _TORCHRUN, *cmd[3:]], cfg, args.debug, n * args.nnodes)
     if args.dry_run:
         world = os.environ.get("WORLD_SIZE", "1")
         print(f"run in process: world={world} strategy={cfg.strategy} backend={cfg.rollout.backend} "
               f"output={cfg.run.output_dir}")
+        print(_resume_line(cfg))
         return 0
     if not under_launcher:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
@@ -200,24 +253,32 @@ def main(argv=None) -> int:
     return 0
 
 
-def _launch(cmd: list[str], cfg, debug: bool) -> int:
-    """Run the ranks (through `torchrun`), forwarding SIGTERM (SLURM preemption, kill); returns their exit code."""
-    import signal
-
+def _launch(cmd: list[str], cfg, debug: bool, world_size: int) -> int:
+    """Run the ranks (through `torchrun`), forwarding SIGTERM (SLURM preemption, kill): torchrun forwards it to the
+    ranks, which checkpoint at the next phase boundary and exit. Returns their exit code (`_exit_after_stop` after
+    a SIGTERM: torchrun itself then always fails)."""
+    print(f"mgs-train: {_resume_line(cfg, world_size)}", file=sys.stderr, flush=True)
     env = dict(os.environ, MGS_LAUNCHED="1")
     env.setdefault("OMP_NUM_THREADS", str(max(1, cfg.launcher.threads_per_proc)))
+    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(DEFAULT_GRACE_S))
     for k, v in library_env(debug or cfg.run.log_level == "debug").items():
         env.setdefault(k, v)
     if debug:
         env["MGS_DEBUG"] = "1"
     proc = subprocess.Popen(cmd, env=env)
-    # torchrun forwards SIGTERM to the ranks: they finish the step, checkpoint and exit with 143
-    signal.signal(signal.SIGTERM, lambda s, f: proc.send_signal(signal.SIGTERM))
+    stopped = []
+
+    def forward(signum, frame):
+        stopped.append(signum)
+        proc.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
     try:
-        return proc.wait()
+        rc = proc.wait()
     except KeyboardInterrupt:
         proc.terminate()
-        return proc.wait()
+        rc = proc.wait()
+    return _exit_after_stop(cfg, rc, world_size) if stopped else rc
 
 
 if __name__ == "__main__":

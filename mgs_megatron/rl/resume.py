@@ -106,6 +106,12 @@ def latest(root: Path, world_size: Optional[int] = None) -> Optional[Path]:
     return next((p for p in step_dirs(root) if not missing_files(p, world)), None)
 
 
+def latest_step(root: Path, world_size: Optional[int] = None) -> Optional[int]:
+    """The step of the newest complete checkpoint of `world_size` ranks under `root` (None: none)."""
+    path = latest(Path(root), world_size)
+    return None if path is None else int(path.name[5:])
+
+
 def save(root: Path, step: int, chunks, optimizer, trainer_state: dict, extra_rank_state: dict,
          keep: int = 2) -> Path:
     """Every rank calls; returns the final directory."""

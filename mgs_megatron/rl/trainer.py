@@ -1,10 +1,12 @@
 """The RL trainer (GRPO; Mixed, Sequential or MGS), read top to bottom.
 
-    set-up  process groups -> data -> supervised warm-up (cached) -> policy (model, reference, optimizer, MGS)
-            -> prompt sampler, rewards, rollout backend -> resume -> validation, checkpoints, metrics
+    set-up  process groups -> data -> supervised warm-up (cached) -> vLLM engine (before the policy allocates GPU
+            memory; asleep) -> policy (model, reference, optimizer, MGS) -> prompt sampler, rewards -> resume
+            -> rollout backend -> validation, checkpoints, metrics
     step    generate -> score -> advantages -> micro-batches -> old/ref logprobs -> update -> weight sync
-    loop    step, validate when due, log, checkpoint when due, stop when preempted; at the end: checkpoint,
-            HF export, summary table.
+    loop    step, validate when due, log, checkpoint when due; at the end: checkpoint, HF export, summary table.
+    stop    a stop request (SIGTERM: preemption) is checked at phase boundaries (after the rollout, after the train
+            step): every rank checkpoints and the run exits 143; the same command resumes exactly where it stopped.
 
 Every rank runs this same code (SPMD); rank 0 writes metrics.
 """
@@ -13,7 +15,9 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -25,8 +29,10 @@ from mgs_megatron.data.templates import resolve_chat_template
 from mgs_megatron.megatron import parallel
 from mgs_megatron.models import model_config_from_hf
 from mgs_megatron.rewards import RewardManager
+from mgs_megatron.rl import resume
 from mgs_megatron.rl.batches import pack_plan, rank_plan, score_samples
 from mgs_megatron.rl.config import TrainConfig, check_paths, read_hf_config
+from mgs_megatron.rl.losses import training_temperature
 from mgs_megatron.rl.metrics import (
     MetricsWriter,
     PhaseTimer,
@@ -43,7 +49,7 @@ from mgs_megatron.rl.resume import Checkpointer, Preemption
 from mgs_megatron.rl.scoring import score_rollouts
 from mgs_megatron.rl.validation import Validator
 from mgs_megatron.rl.warmup import maybe_warmup
-from mgs_megatron.rollout.backends import build_backend
+from mgs_megatron.rollout.backends import build_backend, start_vllm
 from mgs_megatron.rollout.logprobs import logprob_diff_over_ranks
 from mgs_megatron.weights import export_hf
 
@@ -51,7 +57,7 @@ log = logging.getLogger("mgs_megatron.rl")
 
 
 class Preempted(SystemExit):
-    """Raised after the checkpoint that a preemption request (SIGTERM) triggered."""
+    """Raised after the checkpoint that a preemption request (SIGTERM) triggered: the process exits 143."""
 
     def __init__(self, step: int):
         super().__init__(143)
@@ -62,6 +68,8 @@ class Trainer:
     # ================================================================================================ set-up
     def __init__(self, cfg: TrainConfig):
         self.cfg, self.out = cfg, Path(cfg.run.output_dir)
+        self.preemption = Preemption()
+        self.preemption.install()  # from here on SIGTERM means "checkpoint at the next phase boundary"
         data = check_paths(cfg, int(os.environ.get("WORLD_SIZE", 1)))  # cheap, before the heavy set-up
         train, val = train_val_split(data, cfg.data, cfg.run.val_prompts_per_domain)
         torch.set_num_threads(max(1, cfg.launcher.threads_per_proc))
@@ -76,6 +84,11 @@ class Trainer:
         start = maybe_warmup(cfg, train, model_cfg=self.model_cfg, hf_config=self.hf_config, layout=cfg.parallel,
                              precision=precision_of(cfg), device=self.device,
                              load_initial_weights=lambda chunks: load_initial_weights(chunks, start)) or start
+        chat_template = resolve_chat_template(cfg.data.chat_template)
+        started = start_vllm(  # before the policy allocates anything: vLLM's start-up check sees a free GPU
+            cfg.rollout, seed=cfg.run.seed, device=self.device, workdir=self.out, hf_config=self.hf_config,
+            hf_side_dir=cfg.model.tokenizer or cfg.model.path, chat_template=chat_template,
+            logprob_temperature=training_temperature(cfg.algo, cfg.rollout.temperature))
         self.prompts = PromptSampler(cfg.data, train, seed=cfg.run.seed,
                                      schedule="sequential" if cfg.strategy == "sequential" else "mixed")
         self.domains = list(self.prompts.domains)
@@ -85,27 +98,26 @@ class Trainer:
         self.validator = Validator(val, self.domains, val_every=cfg.run.val_every, total_steps=cfg.run.total_steps)
         self.checkpoints = Checkpointer(self.out / "checkpoints", every=cfg.run.save_every,
                                         keep=cfg.run.keep_checkpoints)
-        self.preemption = Preemption()
         self.step = 0
         if cfg.run.resume == "auto":
             self._resume()
         elif cfg.run.resume == "overwrite":
             self.checkpoints.clear()
-        self.backend = build_backend(  # starts from the resumed weights
-            cfg.rollout, chunks=self.policy.chunks, model_cfg=self.model_cfg, tokenizer=self.tokenizer,
-            seed=cfg.run.seed, device=self.device, workdir=self.out, hf_config=self.hf_config,
-            hf_side_dir=cfg.model.tokenizer or cfg.model.path, logprob_temperature=self.policy.temperature,
-            chat_template=resolve_chat_template(cfg.data.chat_template), weights_version=self.step)
+        self.backend = build_backend(cfg.rollout, started=started, chunks=self.policy.chunks,
+                                     model_cfg=self.model_cfg, tokenizer=self.tokenizer, seed=cfg.run.seed,
+                                     chat_template=chat_template, weights_version=self.step)
         self.writer = MetricsWriter.for_run(cfg, self.out) if self.is_main else None
 
     # ================================================================================================ one step
     def train_step(self) -> dict:
         cfg, m = self.cfg, {"step": self.step + 1}
-        timer = PhaseTimer(m)
+        timer, before = PhaseTimer(m), self._draw_state()
         with timer("generate"):
             prompts = self.prompts.next_step()
             rollouts = self.backend.generate([p.as_messages() for p in prompts], cfg.rollout.n, step=self.step)
             m.update(rollout_metrics(rollouts, len(prompts)))
+        if self.preemption.requested():  # phase boundary: stop as if this step had not begun
+            self._stop(rewind_to=before)
         with timer("score"):
             scored = score_rollouts(self.rewards, prompts, rollouts)
             m.update(self.rewards.check_step(scored.domains, scored.outcomes))  # stops a run of failing rewards
@@ -163,32 +175,48 @@ class Trainer:
         if self.is_main:
             print(f"mgs-train: resumed from step {self.step} ({path})", flush=True)
 
+    def _draw_state(self) -> dict:
+        """The prompt sampler's and the RNGs' state before a step draws from them (a stop inside the step rewinds
+        to it)."""
+        return {"sampler": self.prompts.state_dict(), "rng": resume.rng_state()}
+
+    def _stop(self, rewind_to: Optional[dict] = None) -> None:
+        """A stop request at a phase boundary: every rank checkpoints the last completed step (inside a step, after
+        rewinding that step's draws, so the resumed run continues exactly as if never stopped) and exits 143."""
+        if rewind_to is not None:
+            self.prompts.load_state_dict(rewind_to["sampler"])
+            resume.load_rng_state(rewind_to["rng"])
+        if self.step > 0 and self.checkpoints.last_saved != self.step:
+            self.save()
+        if self.is_main:
+            print(f"mgs-train: preempted (SIGTERM) after step {self.step} of {self.cfg.run.total_steps}: checkpoint "
+                  f"in {self.checkpoints.root}; exit 143, the same command resumes", file=sys.stderr, flush=True)
+        raise Preempted(self.step)
+
     # ================================================================================================ the loop
     def fit(self) -> list[dict]:
         cfg, history = self.cfg, []
-        self.preemption.install()
         if self.writer is not None:
             self.writer.truncate_after(self.step)
+        if self.preemption.requested():  # SIGTERM during the set-up
+            self._stop()
         bar = self._progress_bar()
         if self.step == 0 and self.validator.due(0):
             self._log({"step": 0, **self.validator.run(self.backend, self.rewards, 0)})
         while self.step < cfg.run.total_steps:
             m = self.train_step()
-            if self.validator.due(self.step):
+            stopping = self.preemption.requested()  # phase boundary: after the train step
+            if self.validator.due(self.step) and not stopping:  # (validation could outlast the grace period)
                 m.update(self.validator.run(self.backend, self.rewards, self.step))
             self._log(m)
             history.append(m)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(progress_postfix(m, self.domains))
-            stopping = self.preemption.requested()
-            if self.checkpoints.due(self.step, stopping):
+            if self.checkpoints.due(self.step):
                 self.save()
             if stopping:
-                if self.is_main:
-                    log.warning("preempted (SIGTERM) after step %d: checkpoint written to %s; run the same command "
-                                "again to resume", self.step, self.checkpoints.root / f"step_{self.step}")
-                raise Preempted(self.step)
+                self._stop()
             if cfg.run.fail_at_step == self.step:
                 raise SystemExit(17)  # testing aid: a crash right after this step's (periodic) save
         if bar is not None:

@@ -3,14 +3,15 @@
   config      RolloutConfig, Rollout (one sample), SyncStats, errors (RolloutError, PromptTooLongError,
               EngineInvalidError)
   engine      RolloutEngine: builds the vLLM engine (CPU: in-process; inside a torch.distributed job: one engine
-              per rank via `external_launcher`), prompt preparation (text / chat messages / token ids, overlong
-              error or truncation), seeded generation with per-token logprobs, in-place weight loads, close()
+              per rank via `external_launcher`), prompt preparation (text / chat messages / token ids, the
+              prompt_truncation policy), seeded generation with per-token logprobs, in-place weight loads, close()
   sync        sync_weights(engine, chunks, model_cfg): streamed, bucketed, all-or-invalid
   distribute  generate_distributed(engine, prompts): split prompts over engines, every rank gets the rollouts
               of its Megatron DP rank
   logprobs    rollout_logprobs / logprob_diff (the rollout/logprob_diff metric, engine vs Megatron)
-  gpu         GPU-only: sleep-mode kwargs and sleep / wake around training (untested on CPU)
-  backends    the trainer's rollout backends (vllm: engine + sync; megatron: token-by-token fallback), build_backend
+  gpu         vLLM and Megatron on the same GPUs: CUDA engine arguments, the engine's sleep / wake state
+  backends    the trainer's rollout backends (vllm: engine started before the policy + sync + sleep / wake;
+              megatron: token-by-token fallback), start_vllm, build_backend
 
 Engine placement (CPU and GPU alike): every rank of the job holds an engine. vLLM, when it finds
 torch.distributed already initialised, builds its groups from OUR default process group with collectives over

@@ -1,6 +1,7 @@
 """Pluggable rollout backends: `generate(prompts, n, step, temperature) -> list[Rollout]` and `sync_weights()`.
 
-  vllm      mgs_megatron.rollout.RolloutEngine (one engine per rank, SPMD) + in-place weight sync after each step.
+  vllm      mgs_megatron.rollout.RolloutEngine (one engine per rank, SPMD), started before the policy with dummy
+            weights (start_vllm), in-place weight sync after each step, asleep on CUDA while Megatron trains.
   megatron  fallback without vLLM: token-by-token generation with the live Megatron model (full re-forward per
             token, no KV cache) -- fine for tiny models on CPU, and handy for tests.
 
@@ -10,6 +11,9 @@ ranks and the results are all-gathered (Python objects; fine at RL batch sizes).
 
 from __future__ import annotations
 
+import json
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -19,6 +23,7 @@ import torch.distributed as dist
 from mgs_megatron.devices import HOST, compute_device
 from mgs_megatron.rollout.config import Rollout, RolloutConfig
 from mgs_megatron.rollout.distribute import split_range
+from mgs_megatron.rollout.gpu import KV_CACHE, WEIGHTS, EngineMemory
 from mgs_megatron.rollout.prompts import encode_prompt, fit_prompt
 from mgs_megatron.rollout.sampling import sample_next
 
@@ -139,18 +144,32 @@ class MegatronBackend(RolloutBackend):
 
 
 class VLLMBackend(RolloutBackend):
-    """A vLLM engine per rank (rollout/engine.py), started from an HF export of the current weights and kept in sync
-    in place after every optimizer step (rollout/sync.py)."""
+    """A vLLM engine per rank (rollout/engine.py). `start_vllm` builds it before the policy exists, with dummy
+    weights, and puts it to sleep; `attach` gives it the policy's chunks. The policy's weights arrive by in-place sync
+    (rollout/sync.py) before the first generation and after every optimizer step; on CUDA the engine sleeps while
+    Megatron trains (the order of events is in rollout/gpu.py)."""
 
-    def __init__(self, cfg: RolloutConfig, hf_dir: str, chunks, model_cfg, *, seed: int, device: str,
-                 logprobs_mode: str = "processed_logprobs", chat_template: Optional[str] = None,
-                 weights_version: int = 0):
+    def __init__(self, cfg: RolloutConfig, model_dir: str, *, seed: int, device: str,
+                 logprobs_mode: str = "processed_logprobs", chat_template: Optional[str] = None):
         from mgs_megatron.rollout.engine import RolloutEngine
 
-        self.cfg, self.chunks, self.model_cfg = cfg, chunks, model_cfg
-        self.engine = RolloutEngine(hf_dir, cfg, seed=seed, device=device, tokenizer=hf_dir,
-                                    logprobs_mode=logprobs_mode, chat_template=chat_template)
-        self.engine.version = weights_version  # a resumed run's weights are those of its step
+        self.cfg, self.chunks, self.model_cfg = cfg, None, None
+        # dummy weights: vLLM reads only config.json and the tokenizer from model_dir
+        engine_cfg = replace(cfg, extra_engine_kwargs={"load_format": "dummy", **cfg.extra_engine_kwargs})
+        with _rng_untouched(device):  # vLLM seeds torch's global RNGs; the trainer's own draws must not move
+            self.engine = RolloutEngine(model_dir, engine_cfg, seed=seed, device=device, tokenizer=model_dir,
+                                        logprobs_mode=logprobs_mode, chat_template=chat_template)
+        self.engine.mark_invalid("dummy weights at start; the first weight sync loads the policy's")
+        self.needs_sync = True
+        self.weights_version = 0
+        self.memory = EngineMemory(self.engine)
+        self.memory.sleep(level=2)  # nothing worth keeping a host copy of
+
+    def attach(self, chunks, model_cfg, weights_version: int = 0) -> "VLLMBackend":
+        """Give the engine the policy's chunks; `weights_version`: the optimizer steps those weights hold (the
+        resumed step), so that rollout/weights_version counts steps across a resume."""
+        self.chunks, self.model_cfg, self.weights_version = chunks, model_cfg, weights_version
+        return self
 
     def generate(self, prompts, n, *, step, temperature=None):
         world = dist.get_world_size() if dist.is_initialized() else 1
@@ -161,32 +180,69 @@ class VLLMBackend(RolloutBackend):
         over = {"n": n}
         if temperature is not None:
             over["temperature"] = temperature
+        self._awake()
         mine = self.engine.generate(msgs, step=step, prompt_offset=lo, **over)
+        if self.memory.sleep():  # level 2: the weights are gone, the next wake re-syncs them
+            self.needs_sync = True
         return _gather(mine, keep_first_of=tp)
 
     def sync_weights(self) -> dict:
+        """After an optimizer step: wake (weights) -> weight sync -> wake (KV cache)."""
+        self.needs_sync = True
+        self.weights_version += 1
+        return self._awake()
+
+    def _awake(self) -> dict:
+        self.memory.wake(WEIGHTS)
+        metrics = self._sync() if self.needs_sync else {}
+        self.memory.wake(KV_CACHE)
+        return metrics
+
+    def _sync(self) -> dict:
         from mgs_megatron.rollout.sync import sync_weights
 
-        return sync_weights(self.engine, self.chunks, self.model_cfg).as_metrics()
+        self.needs_sync = False  # a failed sync leaves the engine invalid (EngineInvalidError), it is not retried
+        return sync_weights(self.engine, self.chunks, self.model_cfg, version=self.weights_version).as_metrics()
 
     def close(self) -> None:
         self.engine.close()
 
 
-def build_backend(cfg: RolloutConfig, *, chunks, model_cfg, tokenizer, seed: int, device: str, workdir: Path,
-                  hf_config: dict, hf_side_dir: Optional[str], logprob_temperature: float,
+@contextmanager
+def _rng_untouched(device: str):
+    devices = [torch.cuda.current_device()] if device != "cpu" and torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+def start_vllm(cfg: RolloutConfig, *, seed: int, device: str, workdir: Path, hf_config: dict,
+               hf_side_dir: Optional[str], logprob_temperature: float,
+               chat_template: Optional[str] = None) -> Optional[VLLMBackend]:
+    """The vLLM engine, started before the policy allocates anything (so that vLLM's start-up memory check and
+    profiling see a free GPU) and asleep; None for the megatron backend. Every rank calls it. Its model directory
+    `workdir`/rollout_engine holds only config.json and the tokenizer files (rank 0 writes it). It reports log-probs
+    of the distribution the trainer's log-probs refer to (softmax(logits / logprob_temperature): the sampled one when
+    that is the rollout temperature, else the raw logits' when it is 1)."""
+    if cfg.backend != "vllm":
+        return None
+    from mgs_megatron.convert.io import atomic_dir, copy_side_files
+
+    model_dir = Path(workdir) / "rollout_engine"
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        with atomic_dir(model_dir, overwrite=True) as tmp:
+            if hf_side_dir is not None:
+                copy_side_files(Path(hf_side_dir), tmp)
+            (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+    if dist.is_initialized():
+        dist.barrier()
+    mode = "processed_logprobs" if logprob_temperature == cfg.temperature else "raw_logprobs"
+    return VLLMBackend(cfg, str(model_dir), seed=seed, device=device, logprobs_mode=mode, chat_template=chat_template)
+
+
+def build_backend(cfg: RolloutConfig, *, started: Optional[VLLMBackend], chunks, model_cfg, tokenizer, seed: int,
                   chat_template: Optional[str] = None, weights_version: int = 0) -> RolloutBackend:
-    """The configured backend; vLLM starts from an HF export of the live weights in `workdir`/rollout_init (which
-    also carries the tokenizer files) and reports log-probs of the distribution the trainer's log-probs refer to
-    (softmax(logits / logprob_temperature): the sampled one when that is the rollout temperature, else the raw
-    logits' when it is 1). `weights_version`: the version of those weights (the resumed step), so that
-    rollout/weights_version continues across a resume."""
+    """The configured backend: the vLLM engine from `start_vllm` given the policy's chunks (holding
+    `weights_version` optimizer steps), or the Megatron sampler."""
     if cfg.backend == "megatron":
         return MegatronBackend(cfg, chunks, tokenizer, model_cfg.vocab_size, seed=seed, chat_template=chat_template)
-    from mgs_megatron.weights import export_hf
-
-    hf_dir = Path(workdir) / "rollout_init"
-    export_hf(chunks, model_cfg, hf_dir, hf_config=hf_config, overwrite=True, hf_side_dir=hf_side_dir)
-    mode = "processed_logprobs" if logprob_temperature == cfg.temperature else "raw_logprobs"
-    return VLLMBackend(cfg, str(hf_dir), chunks, model_cfg, seed=seed, device=device, logprobs_mode=mode,
-                       chat_template=chat_template, weights_version=weights_version)
+    return started.attach(chunks, model_cfg, weights_version)

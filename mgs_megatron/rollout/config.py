@@ -54,8 +54,13 @@ class RolloutConfig:
     """vLLM tensor-parallel size (independent of Megatron's TP; divides the world size)."""
     kv_cache_bytes: int = 256 << 20
     """CPU only: vLLM's KV-cache size in bytes (vLLM-CPU needs it set)."""
-    enforce_eager: bool = True
-    """No torch.compile / CUDA graphs in vLLM (CPU: avoids a ~55 s start-up)."""
+    enforce_eager: Optional[bool] = None
+    """No torch.compile / CUDA graphs in vLLM (null: true on CPU, where it avoids a ~55 s start-up; false on CUDA,
+    where CUDA graphs make decoding fast)."""
+    cudagraph_capture_sizes: tuple[int, ...] = ()
+    """CUDA only: batch sizes vLLM captures CUDA graphs for ([]: vLLM's default, 1, 2, 4, 8, 16, ... up to
+    min(2 * max_num_seqs, 512)); larger decode batches run eagerly. Each size costs graph memory that stays
+    resident while the engine sleeps."""
     max_num_seqs: int = 256
     """vLLM's concurrent sequences."""
     sync_bucket_bytes: int = 256 << 20
@@ -63,9 +68,14 @@ class RolloutConfig:
     timeout_s: Optional[float] = None
     """Generation deadline per call in seconds (null: none); a timeout raises RolloutError."""
     gpu_memory_utilization: float = 0.5
-    """GPU only: fraction of the GPU vLLM may use."""
-    enable_sleep_mode: bool = False
-    """GPU only: let vLLM release its memory while Megatron trains (CPU vLLM ignores sleep())."""
+    """CUDA only: fraction of the whole GPU vLLM takes while awake (weights, KV cache, activations), in (0, 1]. It
+    must fit beside what Megatron keeps through the rollout (parameters, gradient buffers, optimizer state,
+    reference model): at most 1 - that / GPU memory. vLLM is started before Megatron allocates anything, so its
+    start-up check sees a free GPU."""
+    sleep_level: Literal[0, 1, 2] = 1
+    """CUDA only: what vLLM releases while Megatron trains: 0 never sleeps (vLLM keeps its memory through training);
+    1 offloads the weights to pinned CPU memory and drops the KV cache; 2 drops the weights too (no host copy;
+    every wake re-syncs all weights). CPU vLLM has no sleep mode: there the same sequence runs without it."""
     logprob_diff_warn: float = 0.0
     """Warn when max |vLLM - Megatron| token logprob (rollout/logprob_diff_max) exceeds this (0: off)."""
     extra_engine_kwargs: dict = field(default_factory=dict)
@@ -77,6 +87,22 @@ class RolloutConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ValueError(f"temperature={self.temperature} / top_p={self.top_p} out of range")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1] (a fraction "
+                             f"of the GPU's memory)")
+        if any(s < 1 for s in self.cudagraph_capture_sizes):
+            raise ValueError(f"cudagraph_capture_sizes={list(self.cudagraph_capture_sizes)} must be batch sizes >= 1")
+        if self.cudagraph_capture_sizes and self.enforce_eager:
+            raise ValueError("cudagraph_capture_sizes is set but enforce_eager=true disables CUDA graphs (set "
+                             "enforce_eager=false, or null for the device's default)")
+
+    def eager(self, device: str) -> bool:
+        """enforce_eager, resolved for the engine's device (null: eager on CPU only)."""
+        return self.enforce_eager if self.enforce_eager is not None else device == "cpu"
+
+    def sleeps(self, device: str) -> bool:
+        """Whether the engine sleeps while Megatron trains (never on CPU: vLLM-CPU has no sleep mode)."""
+        return device != "cpu" and self.sleep_level > 0
 
     @property
     def max_model_len(self) -> int:

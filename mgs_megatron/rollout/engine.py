@@ -33,7 +33,7 @@ def engine_kwargs(model_path: str, cfg: RolloutConfig, *, seed: int = 0, device:
     import torch.distributed as dist
 
     kw = dict(model=str(model_path), tokenizer=str(tokenizer or model_path), dtype=cfg.dtype,
-              enforce_eager=cfg.enforce_eager, max_model_len=cfg.max_model_len, seed=seed,
+              enforce_eager=cfg.eager(device), max_model_len=cfg.max_model_len, seed=seed,
               max_num_seqs=cfg.max_num_seqs, logprobs_mode=logprobs_mode,
               tensor_parallel_size=cfg.rollout_tp,
               use_tqdm_on_load=os.environ.get("VLLM_LOGGING_LEVEL", "INFO").upper() in ("DEBUG", "INFO"))

@@ -54,3 +54,21 @@ def test_batched_equals_unbatched(tmp_path, tok, arch, pad):
 def test_vllm_backend_is_a_documented_hook(tmp_path):
     with pytest.raises(NotImplementedError, match="pooling"):
         RewardModelReward(str(tmp_path), backend="vllm")
+
+
+def test_offload_scores_the_same_and_keeps_the_model_on_the_host(tmp_path, tok, monkeypatch):
+    """offload=True: the model lives on the CPU and visits `device` only while it scores (here the move is recorded:
+    there is no GPU on this machine)."""
+    path = _save_model(tmp_path / "rm", tok, "qwen2")
+    resident = RewardModelReward(str(path), batch_size=2)
+    offloaded = RewardModelReward(str(path), batch_size=2, offload=True, device="cpu")
+    moves = []
+    to = type(offloaded.model).to
+
+    def recording_to(model, *args, **kwargs):
+        moves.append(str(args[0]) if args else str(kwargs.get("device")))
+        return to(model, *args, **kwargs)
+
+    monkeypatch.setattr(type(offloaded.model), "to", recording_to)
+    assert [o.score for o in offloaded.score_batch(ITEMS)] == [o.score for o in resident.score_batch(ITEMS)]
+    assert moves == ["cpu", "cpu"] and next(offloaded.model.parameters()).device.type == "cpu"

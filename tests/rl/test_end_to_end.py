@@ -60,31 +60,54 @@ def test_vllm_rollouts_agree_with_megatron(tmp_path, toy):
         assert m["rollout/logprob_diff_max"] < 1e-3 and m["rollout/sync_bytes"] > 0
 
 
-def test_mgs_kill_and_resume_matches_uninterrupted(tmp_path, toy):
-    """MGS run of 4 steps vs. the same run crashed after step 2 (checkpoint at 2) and resumed."""
-    common = base_overrides(toy, None)[1:] + ["strategy=mgs", "run.total_steps=4", "run.save_every=2",
-                                              "run.keep_checkpoints=3"]
-    a, b = tmp_path / "a", tmp_path / "b"
-    r = mgs_train([f"run.output_dir={a}"] + common)
-    assert r.returncode == 0, r.stderr[-3000:]
-    r = mgs_train([f"run.output_dir={b}", "run.fail_at_step=2"] + common)
-    assert r.returncode != 0
-    assert (b / "checkpoints" / "latest").read_text() == "step_2"
-    assert [m["step"] for m in _metrics(b)] == [1, 2]
-    r = mgs_train([f"run.output_dir={b}"] + common)
-    assert r.returncode == 0, r.stderr[-3000:]
+def _sigterm_in_rollout(args, step, rank=1, timeout=240):
+    """mgs-train (world 2) whose rank `rank` receives SIGTERM while it generates step `step`."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=str(ROOT), MGS_TEST_SIGTERM_STEP=str(step),
+               MGS_TEST_SIGTERM_RANK=str(rank))
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "tests.rl.sigterm_entry", str(ROOT / "examples" / "tiny_cpu.yaml"), *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _same_run(a, b, steps):
     ma, mb = _metrics(a), _metrics(b)
-    assert [m["step"] for m in mb] == [1, 2, 3, 4]
-    assert "surgery/cos/math-if/all" in ma[-1] and "module_cos" in ma[-1]
+    assert [m["step"] for m in mb] == list(range(1, steps + 1))
     for x, y in zip(ma, mb):
         assert _comparable(x) == _comparable(y)
     for rank in (0, 1):
-        sa = torch.load(a / "checkpoints" / "step_4" / f"rank_{rank}.pt", weights_only=False)
-        sb = torch.load(b / "checkpoints" / "step_4" / f"rank_{rank}.pt", weights_only=False)
+        sa = torch.load(a / "checkpoints" / f"step_{steps}" / f"rank_{rank}.pt", weights_only=False)
+        sb = torch.load(b / "checkpoints" / f"step_{steps}" / f"rank_{rank}.pt", weights_only=False)
         for k, v in sa["model"][0].items():
             if isinstance(v, torch.Tensor):
                 assert torch.equal(v, sb["model"][0][k]), k
-        assert sa["mgs"]["step"] == sb["mgs"]["step"] == 4
+        assert sa["mgs"]["step"] == sb["mgs"]["step"] == steps
+
+
+def test_mgs_kill_and_resume_matches_uninterrupted(tmp_path, toy):
+    """MGS run of 4 steps vs. the same run crashed after step 2 (checkpoint at 2) and resumed, and vs. the same run
+    preempted (SIGTERM on rank 1) inside step 3's rollout phase, without a checkpoint of step 2 to fall back on: it
+    must checkpoint step 2 with the prompt sampler rewound to before step 3's draw, exit 143, and resume as if never
+    stopped."""
+    common = base_overrides(toy, None)[1:] + ["strategy=mgs", "run.total_steps=4", "run.keep_checkpoints=3"]
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    r = mgs_train([f"run.output_dir={a}", "run.save_every=2"] + common)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "surgery/cos/math-if/all" in _metrics(a)[-1] and "module_cos" in _metrics(a)[-1]
+    r = mgs_train([f"run.output_dir={b}", "run.save_every=2", "run.fail_at_step=2"] + common)
+    assert r.returncode != 0
+    assert (b / "checkpoints" / "latest").read_text() == "step_2"
+    assert [m["step"] for m in _metrics(b)] == [1, 2]
+    r = mgs_train([f"run.output_dir={b}", "run.save_every=2"] + common)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _same_run(a, b, 4)
+
+    r = _sigterm_in_rollout([f"run.output_dir={c}", "run.save_every=0"] + common, step=3)
+    assert "exitcode  : 143" in r.stderr and "preempted (SIGTERM) after step 2 of 4" in r.stderr, r.stderr[-3000:]
+    assert (c / "checkpoints" / "latest").read_text() == "step_2"
+    assert [m["step"] for m in _metrics(c)] == [1, 2]
+    r = mgs_train([f"run.output_dir={c}", "run.save_every=0"] + common)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _same_run(a, c, 4)
 
 
 def test_sigterm_leaves_loadable_checkpoint(tmp_path, toy):
