@@ -13,6 +13,8 @@ after the last `<response>`, cut at the first stop word (`</response>`, `</s>`, 
 last `\\boxed{...}` there, else `\\boxed{<answer>}` of the fallbacks above; gold as `\\boxed{gold}` (unless boxed);
 then math-verify's own `parse` of both and `verify`. (The official code runs it on the reward model's decoded input,
 prompt included, so a box in the prompt can win when the response has none; we score the response only.)
+`extraction="math_verify"`: math-verify's own extraction (its default LaTeX and expression configs) of the whole
+response, no fallbacks.
 
 Equivalence: `verify(parse(gold), parse(pred))` with both sides wrapped in `$...$` (plain `{1,2}` parses to
 nothing otherwise), math-verify's own SIGALRM timeouts disabled, run in worker processes (their own program, not
@@ -123,13 +125,15 @@ def hf_math_verify_equal(gold: str, target_boxed: str) -> bool:
     return bool(g and p and verify(g, p, timeout_seconds=None))
 
 
-EXTRACTIONS = ("boxed", "hf_math_verify")
+EXTRACTIONS = ("boxed", "hf_math_verify", "math_verify")
 
 
 def math_score(gold: str, response: str, fallback: str = "last_number", extraction: str = "boxed") -> float:
     """The function run in the worker: 1.0 if the response's answer equals `gold`, else 0.0."""
     if extraction == "hf_math_verify":
         return 1.0 if hf_math_verify_equal(str(gold), hf_math_verify_target(response, fallback)) else 0.0
+    if extraction == "math_verify":  # math-verify's own extraction (its default configs) of the whole response
+        return 1.0 if hf_math_verify_equal(str(gold), response) else 0.0
     ans, _ = extract_answer(response, fallback)
     if ans is None:
         return 0.0

@@ -257,7 +257,7 @@ def _launch(cmd: list[str], cfg, debug: bool, world_size: int) -> int:
     """Run the ranks (through `torchrun`), forwarding SIGTERM (SLURM preemption, kill): torchrun forwards it to the
     ranks, which checkpoint at the next phase boundary and exit. Returns their exit code (`_exit_after_stop` after
     a SIGTERM: torchrun itself then always fails)."""
-    print(f"mgs-train: {_resume_line(cfg, world_size)}", file=sys.stderr, flush=True)
+    print(f"mgs-train: {_resume_line(cfg, world_size)}", flush=True)  # stdout: stderr holds only problems
     env = dict(os.environ, MGS_LAUNCHED="1")
     env.setdefault("OMP_NUM_THREADS", str(max(1, cfg.launcher.threads_per_proc)))
     env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(DEFAULT_GRACE_S))

@@ -119,15 +119,11 @@ def execute(run: Run, config: str, digest: str, timeout: float) -> None:
 
 # ------------------------------------------------------------------------------------------------ the report
 def read_metrics(run: Run) -> list[dict]:
+    """The run's metrics rows (rl/metrics.read_metrics: a torn last line is skipped)."""
+    from mgs_megatron.rl.metrics import read_metrics as read_rows
+
     f = run.out / "metrics.jsonl"
-    rows = []
-    if f.is_file():
-        for line in f.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a torn last line
-    return rows
+    return read_rows(f)[0] if f.is_file() else []
 
 
 def final_validation(rows: list[dict]) -> dict[str, float]:

@@ -189,8 +189,10 @@ class Trainer:
         if self.step > 0 and self.checkpoints.last_saved != self.step:
             self.save()
         if self.is_main:
-            print(f"mgs-train: preempted (SIGTERM) after step {self.step} of {self.cfg.run.total_steps}: checkpoint "
-                  f"in {self.checkpoints.root}; exit 143, the same command resumes", file=sys.stderr, flush=True)
+            where = self.checkpoints.root / f"step_{self.step}" if self.step else "none yet"
+            print(f"mgs-train: preempted (SIGTERM) after step {self.step}: checkpoint written to {where} (of "
+                  f"{self.cfg.run.total_steps} steps); run the same command again to resume", file=sys.stderr,
+                  flush=True)
         raise Preempted(self.step)
 
     # ================================================================================================ the loop

@@ -45,6 +45,16 @@ def test_hf_math_verify_extraction(gold, resp, official, boxed):
     assert MathReward(executor="inline").score_batch(item)[0].score == boxed
 
 
+def test_math_verify_extraction_of_the_whole_response():
+    from math_verify import parse, verify
+
+    for gold, resp in [("4", "so the result is $\\boxed{4}$"), ("4", "I think 5"), ("\\frac{1}{2}", "it is $0.5$")]:
+        want = float(verify(parse(f"\\boxed{{{gold}}}"), parse(resp)))  # math-verify alone, as the reference
+        got = MathReward(executor="inline", extraction="math_verify").score_batch([RewardInput("q", resp,
+                                                                                               {"answer": gold})])
+        assert got[0].score == want
+
+
 def test_if_reward_checks_the_response_part():
     sample = {"instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]}
     resp = "<think>First, plan; then, write.</think> <response>Hello Ana how are you</response>"

@@ -49,7 +49,7 @@ def _score(local_ranks):
                                                                                     "chat"])]
     rollouts = [Rollout([1], [2], [0.0], "x" * (3 * i + k), "stop", i, k) for i in range(len(prompts)) for k in (0, 1)]
     rewards = RewardManager({"chat": {"reward": "test-per-node"}, "math": {"reward": "test-per-rank"}})
-    scores = score_rollouts(rewards, prompts, rollouts)
+    scores = score_rollouts(rewards, prompts, rollouts).scores
     return scores, PerNodeModel.built, PerRank.built
 
 

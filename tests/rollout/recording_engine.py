@@ -37,7 +37,7 @@ class RecordingEngine:
     calls: list = []
     fail_wake: tuple = ()
 
-    def __init__(self, model_path, cfg, *, seed=0, device="cpu", tokenizer=None):
+    def __init__(self, model_path, cfg, *, seed=0, device="cpu", tokenizer=None, **engine_options):
         self.cfg, self.seed, self.version, self.invalid_reason = cfg, seed, 0, None
         self.kwargs = {"model": model_path, "load_format": cfg.extra_engine_kwargs.get("load_format")}
         self.calls.append(f"start(load_format={self.kwargs['load_format']})")

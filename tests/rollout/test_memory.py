@@ -56,10 +56,10 @@ def recording(monkeypatch, tmp_path):
     monkeypatch.setattr(RecordingEngine, "calls", calls)
     monkeypatch.setattr(engine, "RolloutEngine", RecordingEngine)
 
-    def fake_sync(eng, chunks, model_cfg):
+    def fake_sync(eng, chunks, model_cfg, version):
         eng.mark_invalid("sync in progress")
         eng.load_weights([])
-        eng.mark_synced(eng.version + 1)
+        eng.mark_synced(version)
         return SyncStats(eng.version, 1, 0.0, 1, 1)
 
     monkeypatch.setattr(sync, "sync_weights", fake_sync)
