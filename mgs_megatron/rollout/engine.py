@@ -27,6 +27,9 @@ def _dist_world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+_CPU_BATCHED_TOKENS = 4096  # tokens per engine step on CPU (vLLM's default budget there)
+
+
 def engine_kwargs(model_path: str, cfg: RolloutConfig, *, seed: int = 0, device: str = "cpu",
                   tokenizer: Optional[str] = None, logprobs_mode: str = "raw_logprobs") -> dict:
     """Keyword arguments of vllm.LLM for this process (CPU in-process, or SPMD external_launcher in a job)."""
@@ -45,6 +48,9 @@ def engine_kwargs(model_path: str, cfg: RolloutConfig, *, seed: int = 0, device:
         kw.update(distributed_executor_backend="external_launcher", data_parallel_size=world // cfg.rollout_tp)
     if device == "cpu":
         kw["kv_cache_memory_bytes"] = cfg.kv_cache_bytes
+        # no chunked prefill on CPU: vLLM rewinds a seeded request's generator after a partial prefill, and CPU
+        # generators have no offset ("CPU Generator does not use offset"); every prompt then fits one step's budget
+        kw.update(enable_chunked_prefill=False, max_num_batched_tokens=max(cfg.max_model_len, _CPU_BATCHED_TOKENS))
     else:
         from mgs_megatron.rollout.gpu import gpu_engine_kwargs
 

@@ -159,3 +159,19 @@ def _failure_paths(engine, chunks, cfg, rcfg, gen, sync_weights, RolloutError, E
     engine.cfg = rcfg
     res["after_errors"] = diff(chunks, cfg, engine.generate(models.PROMPTS, step=3))
     return res
+
+
+def over_budget_worker(engine_dir: str) -> list:
+    """Seeded generation of more prompt tokens than one engine step takes (budget 128 tokens, 12 prompts of ~40):
+    vLLM would prefill some prompts in chunks; returns two generations' token ids."""
+    from mgs_megatron.rollout import RolloutConfig, RolloutEngine
+
+    cfg = RolloutConfig(max_prompt_len=64, max_response_len=4, n=2, kv_cache_bytes=32 << 20, max_num_seqs=16,
+                        extra_engine_kwargs={"max_num_batched_tokens": 128})
+    engine = RolloutEngine(engine_dir, cfg, seed=3)
+    try:
+        prompts = [[{"role": "user", "content": "tea and the sea " * 8 + str(i)}] for i in range(12)]
+        assert sum(len(ids) for ids, _ in engine.prepare(prompts)) > 3 * 128
+        return [[r.response_ids for r in engine.generate(prompts, step=0)] for _ in range(2)]
+    finally:
+        engine.close()
