@@ -107,3 +107,25 @@ def test_ours_to_megatron_lm_and_back(tmp_path):
     for name in VARIANTS:
         assert (ours[name] - theirs[name]).abs().max().item() <= TOL, name
         assert (ours[name] - ref[name]).abs().max().item() > 1e-2  # Megatron-LM's own weights, not the HF model's
+
+
+def test_megatron_lm_checkpoint_to_hf_files(tmp_path):
+    """The file-level converter (one process, no model) on a directory Megatron-LM's save_checkpoint wrote: the HF
+    model it makes gives Megatron-LM's logits."""
+    import transformers
+
+    from mgs_megatron.convert.torch_dist_convert import torch_dist_to_hf
+    from mgs_megatron.models import model_config_from_hf
+
+    cfgs = {}
+    for name in VARIANTS:
+        model = models.build(name)
+        model.save_pretrained(tmp_path / "hf" / name)  # only its config and side files are used
+        cfgs[name] = model_config_from_hf(model.config.to_dict())
+    theirs = _last_stage(run_distributed(mlm_save, Layout(tp=2), cfgs, str(tmp_path / "mlm"), timeout=300))
+    for name in VARIANTS:
+        torch_dist_to_hf(tmp_path / "mlm" / name, tmp_path / "out" / name, hf_config_dir=tmp_path / "hf" / name)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out" / name, dtype=torch.float32).eval()
+        with torch.no_grad():
+            logits = hf(models.input_ids()).logits.float()
+        assert (logits - theirs[name]).abs().max().item() <= TOL, name
