@@ -74,6 +74,10 @@ class RunConfig:
     """Testing aid: exit (a simulated crash) right after this step's checkpoint (-1: never)."""
     keep_checkpoints: int = 2
     """Checkpoints kept (older ones are deleted after a new one is complete)."""
+    checkpoint_format: Literal["mgs", "torch_dist"] = "mgs"
+    """Model weights in checkpoints: 'mgs' (in the per-rank files; resume at the same layout only); 'torch_dist'
+    (Megatron-LM's format in step_<N>/model/, which Megatron-LM, verl and slime load, and a resume at another
+    TP / PP / world size loads; the optimizer state stays per rank and restarts when the layout changed)."""
 
     def __post_init__(self):
         if self.total_steps < 1:

@@ -5,10 +5,13 @@ preemption request (SIGTERM) that makes every rank checkpoint and stop.
     rank_<r>.pt     this rank's model shards (local state dict), optimizer internals (Adam moments, fp32 main
                     params of low-precision models), RNG states, MGS rule state
     trainer.json    step, sampler position, config (rank 0)
+    model/          run.checkpoint_format torch_dist: the model in Megatron-LM's format (tracker + iter_<N>/;
+                    Megatron-LM, verl and slime load it); rank_<r>.pt then holds no model
 <output_dir>/checkpoints/latest   the name of the newest complete checkpoint (written last, atomically)
 
-Resume needs the same world size and layout (the shards are per rank); move a run to another layout through the
-model weights (mgs_megatron.weights.save_weights / the final HF export).
+Resume at the same layout restores everything. At another layout (world size, TP, PP) only a torch_dist model
+moves: the model weights load at any layout, the per-rank optimizer state and RNG streams restart (the MGS rule
+state, identical on every rank, is taken from rank 0's file); per-rank model shards cannot move.
 """
 
 from __future__ import annotations
@@ -87,9 +90,22 @@ def latest(root: Path) -> Optional[Path]:
     return p if (p / "trainer.json").is_file() else None
 
 
+MODEL_DIR = "model"
+
+
+def layout() -> dict:
+    """What per-rank files depend on: the world size and Megatron's model-parallel layout."""
+    from megatron.core import parallel_state as ps
+
+    return {"world_size": dist.get_world_size() if dist.is_initialized() else 1,
+            "tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
+            "vpp": ps.get_virtual_pipeline_model_parallel_world_size()}
+
+
 def save(root: Path, step: int, chunks, optimizer, trainer_state: dict, extra_rank_state: dict,
-         keep: int = 2) -> Path:
-    """Every rank calls; returns the final directory."""
+         keep: int = 2, save_model=None) -> Path:
+    """Every rank calls; returns the final directory. `save_model(dir)` (every rank): write the model there in
+    another format (torch_dist) instead of into the per-rank files."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step}"
@@ -99,14 +115,17 @@ def save(root: Path, step: int, chunks, optimizer, trainer_state: dict, extra_ra
         tmp.mkdir(parents=True)
     if dist.is_initialized():
         dist.barrier()
-    state = {"model": [c.state_dict() for c in chunks], "optimizer": optimizer_state(optimizer),
-             "rng": rng_state(), **extra_rank_state}
+    if save_model is not None:
+        save_model(tmp / MODEL_DIR)
+    state = {"optimizer": optimizer_state(optimizer), "rng": rng_state(), **extra_rank_state}
+    if save_model is None:
+        state["model"] = [c.state_dict() for c in chunks]
     torch.save(state, tmp / f"rank_{rank}.pt.part")
     os.replace(tmp / f"rank_{rank}.pt.part", tmp / f"rank_{rank}.pt")
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
-        (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=1, default=str))
+        (tmp / "trainer.json").write_text(json.dumps({**trainer_state, "layout": layout()}, indent=1, default=str))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -120,18 +139,29 @@ def save(root: Path, step: int, chunks, optimizer, trainer_state: dict, extra_ra
     return final
 
 
-def load(path: Path, chunks, optimizer) -> tuple[dict, dict]:
-    """Load this rank's part; returns (trainer_state, the rank's extra state)."""
+def load(path: Path, chunks, optimizer, load_model=None) -> tuple[dict, dict]:
+    """Load this rank's part; returns (trainer_state, the rank's extra state). `load_model(dir)` (every rank)
+    loads a model saved by `save_model`; at another layout only it and rank 0's MGS state are restored."""
     rank = dist.get_rank() if dist.is_initialized() else 0
-    f = path / f"rank_{rank}.pt"
-    if not f.is_file():
-        raise FileNotFoundError(f"checkpoint {path} has no {f.name}: was it written with another world size?")
-    state = torch.load(f, map_location=HOST, weights_only=False)  # load_state_dict copies onto each param's device
-    for c, sd in zip(chunks, state["model"]):
+    trainer_state = json.loads((path / "trainer.json").read_text())
+    saved, now = trainer_state.get("layout", {"world_size": trainer_state.get("world_size")}), layout()
+    moved = any(saved.get(k) != v for k, v in now.items() if k in saved)
+    has_model = (path / MODEL_DIR).is_dir()
+    if moved and not has_model:
+        raise RuntimeError(f"checkpoint {path} was written at layout {saved}, this job is {now}: its model is in "
+                           f"per-rank files, which only resume at the same layout (run.checkpoint_format=torch_dist "
+                           f"writes checkpoints that resume at any layout)")
+    if has_model:
+        load_model(path / MODEL_DIR)
+    if moved:
+        optimizer.reload_model_params()  # low-precision models: fp32 main params from the loaded weights
+        first = torch.load(path / "rank_0.pt", map_location=HOST, weights_only=False)
+        return trainer_state, {"mgs": first.get("mgs"), "moved_from": saved}
+    state = torch.load(path / f"rank_{rank}.pt", map_location=HOST, weights_only=False)  # copied to each device
+    for c, sd in zip(chunks, state.get("model", [])):
         c.load_state_dict(sd)
     load_optimizer_state(optimizer, state["optimizer"])
     load_rng_state(state["rng"])
-    trainer_state = json.loads((path / "trainer.json").read_text())
     return trainer_state, state
 
 
@@ -158,8 +188,9 @@ class Checkpointer:
     def due(self, step: int, stopping: bool = False) -> bool:
         return stopping or bool(self.every and step % self.every == 0)
 
-    def save(self, step: int, chunks, optimizer, trainer_state: dict, extra_rank_state: dict) -> Path:
-        path = save(self.root, step, chunks, optimizer, trainer_state, extra_rank_state, keep=self.keep)
+    def save(self, step: int, chunks, optimizer, trainer_state: dict, extra_rank_state: dict, save_model=None) -> Path:
+        path = save(self.root, step, chunks, optimizer, trainer_state, extra_rank_state, keep=self.keep,
+                    save_model=save_model)
         self.last_saved = step
         return path
 
