@@ -47,8 +47,10 @@ class StepResult:
 
 
 def domain_step(chunks, optimizer, groups: Mapping[str, Sequence], run_schedule: RunSchedule,
-                mgs=None) -> StepResult:
-    """See the module docstring. `groups` maps domain -> this rank's micro-batches (domains may be missing)."""
+                mgs=None, one_schedule: bool = False) -> StepResult:
+    """See the module docstring. `groups` maps domain -> this rank's micro-batches (domains may be missing).
+    `one_schedule` (MGS only): all domains' micro-batches in ONE schedule call, ordered by domain, the gradients
+    separated on every stage (mgs.one_schedule: one pipeline fill and drain instead of K, more memory)."""
     outputs: list = []
     if mgs is None:
         zero_grads(chunks, optimizer)
@@ -60,10 +62,16 @@ def domain_step(chunks, optimizer, groups: Mapping[str, Sequence], run_schedule:
     unknown = sorted(set(groups) - set(mgs.domains))
     if unknown:
         raise ValueError(f"micro-batches of undeclared domain(s) {unknown}; MGS domains are {mgs.domains}")
-    for d in mgs.domains:  # every rank enters every domain, in the same order
-        with mgs.domain(d):
-            if groups.get(d):
-                outputs += run_schedule(list(groups[d]))
+    if one_schedule:
+        order = [d for d in mgs.domains for _ in groups.get(d, ())]
+        with mgs.one_schedule(order):
+            if order:
+                outputs += run_schedule([mb for d in mgs.domains for mb in groups.get(d, ())])
+    else:
+        for d in mgs.domains:  # every rank enters every domain, in the same order
+            with mgs.domain(d):
+                if groups.get(d):
+                    outputs += run_schedule(list(groups[d]))
     ok, grad_norm, num_zeros, stats = mgs.step()
     return StepResult(bool(ok), grad_norm, num_zeros, stats, outputs)
 

@@ -257,6 +257,15 @@ class ModularGradientSurgery:
             self._active = None
             self._unwrap_host_hook(host)
 
+    def one_schedule(self, order: Sequence[str]):
+        """Context for ONE schedule call over this rank's micro-batches of every domain, grouped by domain
+        (`order`: the domain of each micro-batch, in schedule order); each domain's gradient is still separated
+        and reduced on its own (one_schedule.py: one pipeline fill and drain per step instead of K, for K x N
+        more memory during the step)."""
+        from mgs_megatron.megatron.one_schedule import one_schedule
+
+        return one_schedule(self, order)
+
     def _stash_domain(self, name: str) -> None:
         k = self.domains.index(name)
         row = self._stash[k]
