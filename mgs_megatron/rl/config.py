@@ -116,7 +116,9 @@ class ModelSourceConfig:
     tokenizer: str = ""
     """Tokenizer directory ('': path)."""
     init_checkpoint: str = ""
-    """Canonical Megatron checkpoint to start from (overrides the weights of path; no conversion at start)."""
+    """Megatron checkpoint to start from, written at any TP/PP: canonical (tools/convert_checkpoint.py) or
+    Megatron-LM torch_dist (the directory with latest_checkpointed_iteration.txt, or an iter_* directory); it
+    overrides the weights of path (no conversion at start)."""
     params_dtype: Literal["float32", "bfloat16"] = "float32"
     """Parameter dtype (bfloat16 keeps fp32 main parameters and gradients in the optimizer)."""
 
