@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 
+from mgs_megatron.devices import HOST
 from mgs_megatron.errors import ConversionError
 from mgs_megatron.models import ModelConfig
 from mgs_megatron.models.tensor_map import te_name
@@ -265,7 +266,7 @@ class TorchDistReader:
             if not 0 <= layer < size[0]:
                 raise ConversionError(f"{key!r} in {str(self.path)!r} has {size[0]} layers, layer {layer} asked")
             offsets[0], size[0] = layer, 1
-        dest = torch.empty(size, dtype=md.properties.dtype)
+        dest = torch.empty(size, dtype=md.properties.dtype, device=HOST)
         self._load({key: (tuple(offsets), dest)})
         return dest[0] if layer is not None else dest
 
