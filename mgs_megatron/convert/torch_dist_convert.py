@@ -17,15 +17,8 @@ from typing import Iterator, Optional
 import torch
 
 from mgs_megatron.convert.io import SafetensorsDir, atomic_dir, copy_side_files, read_config, write_sharded
-from mgs_megatron.convert.torch_dist import (
-    Chunk,
-    TorchDistReader,
-    common_state,
-    key_of,
-    megatron_lm_args,
-    padded_vocab,
-    write_iteration,
-)
+from mgs_megatron.convert.torch_dist import common_state, key_of, megatron_lm_args, padded_vocab
+from mgs_megatron.convert.torch_dist_io import Chunk, TorchDistReader, write_iteration
 from mgs_megatron.errors import ConversionError
 from mgs_megatron.models import ModelConfig, TensorMap, model_config_from_hf, tensor_maps
 from mgs_megatron.models.mapping import check_hf_names, hf_to_mcore, mcore_to_hf, pad_vocab

@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 
 from mgs_megatron.convert.canonical import read_model_config
-from mgs_megatron.convert.torch_dist import TorchDistReader, is_torch_dist
+from mgs_megatron.convert.torch_dist import is_torch_dist
 from mgs_megatron.convert.torch_dist_convert import checkpoint_model_config as checkpoint_config
+from mgs_megatron.convert.torch_dist_io import TorchDistReader
 from mgs_megatron.devices import HOST
 from mgs_megatron.errors import ConversionError
 from mgs_megatron.models import ModelConfig

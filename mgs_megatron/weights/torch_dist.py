@@ -21,13 +21,13 @@ import torch.distributed as dist
 
 from mgs_megatron.convert.io import copy_side_files
 from mgs_megatron.convert.torch_dist import (
-    TorchDistReader,
     common_state,
     finish_iteration,
     iter_name,
     megatron_lm_args,
     resolve_iteration,
 )
+from mgs_megatron.convert.torch_dist_io import TorchDistReader
 from mgs_megatron.errors import ConversionError
 from mgs_megatron.megatron.model import padded_vocab_size
 from mgs_megatron.megatron.state import unwrap

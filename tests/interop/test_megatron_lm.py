@@ -3,8 +3,8 @@ at a different TP/PP on each side, with a vocabulary that Megatron-LM pads diffe
 
   ours -> Megatron-LM   our model (TP2) saves torch_dist; Megatron-LM builds its model from its own arguments
                         (PP2) and load_checkpoint()s it: logits == Hugging Face's within 1e-5 (fp32).
-  Megatron-LM -> ours   Megatron-LM's model (TP2, its own init) save_checkpoint()s; ours (PP2) loads it: logits
-                        == Megatron-LM's own within 1e-5.
+  Megatron-LM -> ours   Megatron-LM's model (TP2, its own init) save_checkpoint()s; ours (PP2) loads it, and the
+                        file-level converter turns it into an HF model: logits == Megatron-LM's own within 1e-5.
 """
 
 from __future__ import annotations
@@ -86,7 +86,10 @@ def _last_stage(results):
 
 
 def test_ours_to_megatron_lm_and_back(tmp_path):
+    import transformers
+
     from mgs_megatron.convert import hf_to_mcore_checkpoint
+    from mgs_megatron.convert.torch_dist_convert import torch_dist_to_hf
 
     canonical, cfgs, ref = {}, {}, {}
     for name in VARIANTS:
@@ -107,25 +110,8 @@ def test_ours_to_megatron_lm_and_back(tmp_path):
     for name in VARIANTS:
         assert (ours[name] - theirs[name]).abs().max().item() <= TOL, name
         assert (ours[name] - ref[name]).abs().max().item() > 1e-2  # Megatron-LM's own weights, not the HF model's
-
-
-def test_megatron_lm_checkpoint_to_hf_files(tmp_path):
-    """The file-level converter (one process, no model) on a directory Megatron-LM's save_checkpoint wrote: the HF
-    model it makes gives Megatron-LM's logits."""
-    import transformers
-
-    from mgs_megatron.convert.torch_dist_convert import torch_dist_to_hf
-    from mgs_megatron.models import model_config_from_hf
-
-    cfgs = {}
-    for name in VARIANTS:
-        model = models.build(name)
-        model.save_pretrained(tmp_path / "hf" / name)  # only its config and side files are used
-        cfgs[name] = model_config_from_hf(model.config.to_dict())
-    theirs = _last_stage(run_distributed(mlm_save, Layout(tp=2), cfgs, str(tmp_path / "mlm"), timeout=300))
-    for name in VARIANTS:
+        # the file-level converter (one process, no model) on Megatron-LM's directory: an HF model with its logits
         torch_dist_to_hf(tmp_path / "mlm" / name, tmp_path / "out" / name, hf_config_dir=tmp_path / "hf" / name)
         hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out" / name, dtype=torch.float32).eval()
         with torch.no_grad():
-            logits = hf(models.input_ids()).logits.float()
-        assert (logits - theirs[name]).abs().max().item() <= TOL, name
+            assert (hf(models.input_ids()).logits.float() - theirs[name]).abs().max().item() <= TOL, name

@@ -33,7 +33,7 @@ def load_and_save(roots: dict, save_root) -> dict:
     """Load each checkpoint at this layout, return the logits; optionally save it live as torch_dist."""
     from megatron.core import parallel_state as ps
 
-    from mgs_megatron.convert.torch_dist import TorchDistReader
+    from mgs_megatron.convert.torch_dist_io import TorchDistReader
     from mgs_megatron.megatron.forward import megatron_logits
     from mgs_megatron.megatron.model import ParallelConfig, build_gpt_model
     from mgs_megatron.weights import load_weights
@@ -86,8 +86,8 @@ def test_file_converter_and_live_save_at_other_layouts(tmp_path):
 
 _KILL_MID_WRITE = """
 import os, signal, sys
-from mgs_megatron.convert import torch_dist
-orig = torch_dist._write_planner
+from mgs_megatron.convert import torch_dist_io
+orig = torch_dist_io._write_planner
 def planner(chunks, objects):
     p = orig(chunks, objects)
     resolve, n = p.resolve_data, [0]
@@ -98,15 +98,16 @@ def planner(chunks, objects):
         return resolve(item)
     p.resolve_data = resolve_then_die
     return p
-torch_dist._write_planner = planner
+torch_dist_io._write_planner = planner
 from mgs_megatron.convert.torch_dist_convert import hf_to_torch_dist
 hf_to_torch_dist(sys.argv[1], sys.argv[2], iteration=2)
 """
 
 
 def test_killed_save_leaves_the_previous_checkpoint(tmp_path):
-    from mgs_megatron.convert.torch_dist import TRACKER, TorchDistReader, resolve_iteration
+    from mgs_megatron.convert.torch_dist import TRACKER, resolve_iteration
     from mgs_megatron.convert.torch_dist_convert import hf_to_torch_dist
+    from mgs_megatron.convert.torch_dist_io import TorchDistReader
     from mgs_megatron.errors import ConversionError
 
     hf = models.build("qwen2")
@@ -131,8 +132,9 @@ def test_killed_save_leaves_the_previous_checkpoint(tmp_path):
 
 def test_foreign_checkpoint_needs_the_hf_config(tmp_path):
     """A torch_dist checkpoint without our model config (Megatron-LM's own) names the option that fixes it."""
-    from mgs_megatron.convert.torch_dist import COMMON_KEY, TorchDistReader
+    from mgs_megatron.convert.torch_dist import COMMON_KEY
     from mgs_megatron.convert.torch_dist_convert import checkpoint_model_config, hf_to_torch_dist
+    from mgs_megatron.convert.torch_dist_io import TorchDistReader
     from mgs_megatron.errors import ConversionError
 
     models.build("qwen3").save_pretrained(tmp_path / "hf")

@@ -34,8 +34,8 @@ def _rewind(ckpts, step: int) -> None:
 
 def test_torch_dist_checkpoints_resume_here_and_at_another_layout(tmp_path, toy):
     from mgs_megatron.convert import SafetensorsDir
-    from mgs_megatron.convert.torch_dist import TorchDistReader
     from mgs_megatron.convert.torch_dist_convert import torch_dist_to_hf
+    from mgs_megatron.convert.torch_dist_io import TorchDistReader
 
     common = base_overrides(toy, None)[1:] + ["strategy=mgs", "run.save_every=1", "run.keep_checkpoints=3",
                                               "run.checkpoint_format=torch_dist"]
