@@ -120,7 +120,7 @@ def regroup(samples: Sequence, labels: Sequence[str], domains: Sequence[str], mi
 def mgs_train_step(chunks, optimizer, micro_batches: Sequence, labels: Sequence, forward_backward: RunSchedule, *,
                    mgs=None, micro_batch_size: Optional[int] = None,
                    split: Optional[Callable[[Any], list]] = split_rows,
-                   collate: Callable[[Sequence], Any] = cat_rows) -> StepResult:
+                   collate: Callable[[Sequence], Any] = cat_rows, one_schedule: bool = False) -> StepResult:
     """One optimizer step over a host's mixed micro-batches (see the module docstring); every rank calls it.
 
     Args:
@@ -129,8 +129,10 @@ def mgs_train_step(chunks, optimizer, micro_batches: Sequence, labels: Sequence,
         forward_backward: the host's forward/backward over a list of micro-batches (Megatron's schedule with the
             host's loss); called once per domain under MGS, with that domain's micro-batches only.
         mgs: a ModularGradientSurgery (None: the host's own step, micro-batches unchanged, one schedule call).
-        micro_batch_size: samples per regrouped micro-batch (default: the host's largest micro-batch).
+        micro_batch_size: samples per regrouped micro-batch (default: the host's largest micro-batch; 1 for
+            samples).
         split / collate: micro-batch -> samples and back (default: dicts of tensors, sample axis first).
+        one_schedule: all domains in one schedule call (see domain_step).
     Returns what Megatron's own train step has: the loss outputs of the schedule calls and the optimizer's
     (update_ok, grad_norm, num_zeros), plus the surgery's statistics.
     """
@@ -145,9 +147,9 @@ def mgs_train_step(chunks, optimizer, micro_batches: Sequence, labels: Sequence,
                              f"{[len(lab) for lab in labels]} labels")
         samples = [s for p in parts for s in p]
         flat = [lab for lbs in labels for lab in lbs]
-    size = micro_batch_size or max([len(p) for p in parts] if split is not None else [1])
+    size = micro_batch_size or max([len(p) for p in parts] if split is not None and parts else [1])
     return domain_step(chunks, optimizer, regroup(samples, flat, mgs.domains, size, collate), forward_backward,
-                       mgs=mgs)
+                       mgs=mgs, one_schedule=one_schedule)
 
 
 __all__ = ["StepResult", "cat_rows", "domain_step", "mgs_train_step", "regroup", "split_rows"]
