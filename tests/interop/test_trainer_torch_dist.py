@@ -67,3 +67,8 @@ def test_torch_dist_checkpoints_resume_here_and_at_another_layout(tmp_path, toy)
     torch_dist_to_hf(model_dir, tmp_path / "step1_hf")
     got, want = SafetensorsDir(b / "hf"), SafetensorsDir(tmp_path / "step1_hf")
     assert sorted(got.keys()) == sorted(want.keys()) and all(torch.equal(got.get(k), want.get(k)) for k in want.keys())
+
+    # a checkpoint whose model is in per-rank files cannot move: the error says which option makes one that can
+    shutil.rmtree(b / "checkpoints" / "step_1" / "model")
+    r = mgs_train([f"run.output_dir={b}", "run.total_steps=1"] + common + ["parallel.pipeline_model_parallel_size=2"])
+    assert r.returncode != 0 and "run.checkpoint_format=torch_dist" in r.stderr, r.stderr[-2000:]
