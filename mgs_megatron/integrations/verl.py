@@ -18,7 +18,9 @@ the whole mini-batch's token count (verl's `batch_num_tokens`, all-reduced over 
 is verl's step; each domain's rows go through verl's own `forward_backward_batch` (its micro-batching, its loss,
 its schedule), and every DP rank enters every domain that any rank has: a rank without rows of a domain runs one
 micro-batch of rows whose loss masks are zero (verl's per-call collectives must match), which adds nothing to the
-gradient. Losses must mask their tokens with `loss_mask` / `response_mask` (verl's sft and ppo losses do).
+gradient; with dynamic batch sizes each rank gets at least as many rows of a domain as the busiest rank has (verl
+makes the same number of micro-batches on every DP rank), padded with such rows. Losses must mask their tokens
+with `loss_mask` / `response_mask` (verl's sft and ppo losses do).
 """
 
 from __future__ import annotations
@@ -115,9 +117,10 @@ def mgs_train_batch(engine, data, loss_function: Callable, forward_backward_batc
     tokens = _global_tokens(data, group)
     counts = torch.tensor([float(labels.count(d)) for d in mgs.domains], dtype=torch.float64,
                           device=collective_device(group))
-    dist.all_reduce(counts, group=group)  # which domains some rank has: those every rank must enter
-    mbs = 1 if tu.get_non_tensor_data(data, key="use_dynamic_bsz", default=True) else \
-        int(tu.get_non_tensor_data(data, key="micro_batch_size_per_gpu", default=1))
+    dist.all_reduce(counts, group=group, op=dist.ReduceOp.MAX)  # the domains some rank has: every rank enters them
+    dynamic = tu.get_non_tensor_data(data, key="use_dynamic_bsz", default=True)
+    mbs = 1 if dynamic else int(tu.get_non_tensor_data(data, key="micro_batch_size_per_gpu", default=1))
+    most = dict(zip(mgs.domains, (int(c) for c in counts.tolist())))
     outputs: list = []
 
     def collate(indices: list[int]):
@@ -126,14 +129,17 @@ def mgs_train_batch(engine, data, loss_function: Callable, forward_backward_batc
     def run(groups: list) -> list:
         (index,) = groups
         real = [i for i in index if i >= 0]
-        pad = (-len(real)) % mbs if real else mbs
+        domain = labels[real[0]] if real else missing[-1 - index[0]]
+        if dynamic:  # verl makes as many micro-batches on every DP rank as on the busiest: enough rows for them
+            pad = max(most[domain] - len(real), 0)
+        else:  # whole micro-batches; a rank without rows of the domain runs one
+            pad = (-len(real)) % mbs if real else mbs
         out = forward_backward_batch(_rows(data, real, pad), partial(_with_batch_tokens, loss_function, tokens))
         outputs.append((real, out))
         return [out]
 
-    samples = list(range(len(data)))
-    missing = [d for d, c in zip(mgs.domains, counts.tolist()) if c > 0 and d not in labels]
-    samples += [-1] * len(missing)  # a placeholder row: the domain is entered with masked rows only
+    missing = [d for d in mgs.domains if most[d] > 0 and d not in labels]
+    samples = list(range(len(data))) + [-1 - j for j in range(len(missing))]  # placeholders: masked rows only
     flat = labels + missing
     res = mgs_train_step(engine.module, engine.optimizer, samples, flat, run, mgs=mgs, split=None,
                          collate=collate, micro_batch_size=len(samples))
