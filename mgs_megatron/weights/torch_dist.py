@@ -100,6 +100,25 @@ def save_torch_dist(chunks: Sequence[torch.nn.Module], cfg: ModelConfig, root, i
     return root / iter_name(iteration)
 
 
+def _common_strategy(iter_dir: Path) -> dict:
+    """megatron-core <= 0.16 reads the common state from common.pt, which 0.19's Megatron-LM no longer writes (it
+    keeps it in the .distcp files): the model's weights are all sharded, so such a checkpoint loads without it."""
+    import inspect
+
+    from megatron.core import dist_checkpointing
+
+    if (iter_dir / "common.pt").is_file() or "common_strategy" not in inspect.signature(
+            dist_checkpointing.load).parameters:
+        return {}
+    from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
+
+    class WeightsOnly(TorchCommonLoadStrategy):
+        def load_common(self, checkpoint_dir):
+            return {}
+
+    return {"common_strategy": WeightsOnly()}
+
+
 def _check_keys(state: dict, iter_dir: Path) -> list:
     """This rank's tensors that the checkpoint lacks or holds at another shape (vocabulary tensors excepted); the
     `_extra_state` objects it lacks are dropped from `state` (they hold nothing without FP8)."""
@@ -145,7 +164,7 @@ def load_torch_dist(chunks: Sequence[torch.nn.Module], path) -> tuple[int, Optio
     if bad:
         raise ConversionError(f"checkpoint {str(iter_dir)!r} does not fit the model: {'; '.join(bad[:4])}"
                               + (f" (+{len(bad) - 4} more)" if len(bad) > 4 else ""))
-    loaded = dist_checkpointing.load(state, str(iter_dir))
+    loaded = dist_checkpointing.load(state, str(iter_dir), **_common_strategy(iter_dir))
     for i, chunk in enumerate(chunks):
         sd = loaded["model" if len(chunks) == 1 else f"model{i}"]
         missing = [k for k in unwrap(chunk).load_state_dict(sd, strict=False).missing_keys

@@ -71,6 +71,8 @@ def test_file_converter_and_live_save_at_other_layouts(tmp_path):
     for name, d in hf.items():
         hf_to_torch_dist(d, tmp_path / "files" / name, iteration=2, tp=2)
         files[name] = str(tmp_path / "files" / name)
+    # as Megatron-LM on megatron-core 0.19 writes it: the common state only inside the .distcp files (0.16 loads it)
+    (tmp_path / "files" / "qwen2" / "iter_0000002" / "common.pt").unlink()
     diffs = _max_diff(run_distributed(load_and_save, Layout(tp=2), files, str(tmp_path / "live"), timeout=300), ref)
     assert max(diffs.values()) <= TOL, diffs
     live = {n: str(tmp_path / "live" / n) for n in hf}
