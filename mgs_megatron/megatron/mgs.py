@@ -14,7 +14,14 @@ zeros; TP duplicates and the tied output copy are counted once) -> rule weights 
 the owned part of the buffers -> the optimizer's own clip and step.
 
 Every rank must enter the same domains in the same order (each domain's reduction is a collective); a rank with no
-micro-batches of a domain enters it with none. With config.calculate_per_token_loss the per-domain reductions are
+micro-batches of a domain enters it with none.
+
+The hook: `mgs.domain()` wraps whatever `config.finalize_model_grads_func` holds when it is entered (the host's own
+hook, or Megatron's finalize_model_grads when it is None) and hands the field back as the host left it on exit.
+Hosts set that field themselves (verl once at optimizer build, slime on every train() call, NeMo-RL to None for a
+step): a change between domains or steps is wrapped at the next entry; None set inside a domain is handled (MGS
+reduces the domain itself); another hook set inside a domain, which the schedule may then have called instead of
+MGS's, raises MGSError naming the field. With config.calculate_per_token_loss the per-domain reductions are
 left unnormalised and the combined gradient is divided by the step's global token count, so that rule="sum" is
 exactly the ordinary Megatron step over all domains.
 """
@@ -108,7 +115,10 @@ class ModularGradientSurgery:
         self._reduced = False
         self._skip = False  # the last surgery found a non-finite gradient under on_nonfinite="skip_step"
         self.per_token = bool(getattr(chunks[0].config, "calculate_per_token_loss", False))
-        self._install_finalize_hook()
+        config = chunks[0].config
+        if config.no_sync_func is None:  # the schedule accumulates a domain's micro-batches without reducing
+            no_sync = [c.no_sync for c in chunks]
+            config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
         self._ranges = self._owned_ranges(param_layouts(chunks, model_config))
         self._check_against_optimizer()
         self._stash_numel = sum(r.view.numel() for r in self._ranges)
@@ -119,12 +129,14 @@ class ModularGradientSurgery:
         self._build_segments()
 
     # ---- set-up -------------------------------------------------------------------------------------------
-    def _install_finalize_hook(self) -> None:
+    def _wrap_host_hook(self) -> None:
+        """Install MGS's finalize hook around what the host's config holds now (kept in self._host_hook)."""
         from megatron.core.distributed import finalize_model_grads
 
         config = self.chunks[0].config
-        inner = config.finalize_model_grads_func or finalize_model_grads
-        if getattr(inner, "_mgs_owner", None) is not None:
+        self._host_hook = host = config.finalize_model_grads_func
+        inner = host or finalize_model_grads
+        while getattr(inner, "_mgs_owner", None) is not None:  # a hook left by an earlier MGS: wrap what it wrapped
             inner = inner._mgs_inner
 
         def finalize(model, num_tokens=None, *args, **kwargs):
@@ -138,9 +150,24 @@ class ModularGradientSurgery:
         finalize._mgs_owner, finalize._mgs_inner = self, inner
         config.finalize_model_grads_func = finalize
         self._finalize = finalize
-        if config.no_sync_func is None:
-            no_sync = [c.no_sync for c in self.chunks]
-            config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+
+    def _unwrap_host_hook(self, host) -> None:
+        config = self.chunks[0].config
+        if config.finalize_model_grads_func is self._finalize:  # else the host set it since: its choice stands
+            config.finalize_model_grads_func = host
+
+    def _check_hook_kept(self, name: str) -> None:
+        """Inside the domain the host may have replaced the field. None: the schedule reduced nothing, MGS does it
+        (NeMo-RL's split step). Another hook, with MGS's not called: the schedule may have called the host's
+        instead, reducing and normalising this domain's gradient without MGS - an error."""
+        current = self.chunks[0].config.finalize_model_grads_func
+        if current is self._finalize or current is None or self._reduced:
+            return
+        raise MGSError(f"config.finalize_model_grads_func was replaced inside mgs.domain({name!r}) (by "
+                       f"{getattr(current, '__qualname__', current)!r}) and MGS's hook was not called: Megatron's "
+                       f"schedule would have called the new hook instead, reducing this domain's gradient without "
+                       f"MGS. Set finalize_model_grads_func before entering mgs.domain() (it wraps whatever the field "
+                       f"holds then), not inside it.")
 
     def _owned_ranges(self, layouts) -> list[OwnedRange]:
         """Owned ranges of every buffer: the distributed optimizer's shard of each bucket, or (plain DDP, where
@@ -219,13 +246,26 @@ class ModularGradientSurgery:
         # and DDP's hook would then add it again (Megatron's own train_step zeroes both, too).
         self.optimizer.zero_grad()
         self._active, self._reduced = name, False
+        self._wrap_host_hook()  # whatever the host's field holds now (it may have changed since the last domain)
+        host = self._host_hook
         try:
             yield self
-            if not self._reduced:  # manual backward, or no micro-batches of this domain on this rank
+            self._check_hook_kept(name)
+            if not self._reduced:  # manual backward, no micro-batches of this domain here, or the host's None
                 self._finalize(self.chunks)
             self._stash_domain(name)
         finally:
             self._active = None
+            self._unwrap_host_hook(host)
+
+    def one_schedule(self, order: Sequence[str]):
+        """Context for ONE schedule call over this rank's micro-batches of every domain, grouped by domain
+        (`order`: the domain of each micro-batch, in schedule order); each domain's gradient is still separated
+        and reduced on its own (one_schedule.py: one pipeline fill and drain per step instead of K, for K x N
+        more memory during the step)."""
+        from mgs_megatron.megatron.one_schedule import one_schedule
+
+        return one_schedule(self, order)
 
     def _stash_domain(self, name: str) -> None:
         k = self.domains.index(name)

@@ -83,6 +83,10 @@ class RunConfig:
     log_level: Literal["debug", "info", "warning", "error"] = "warning"
     """Messages shown (rank 0): 'warning' shows ours (damaged checkpoint, failing reward, truncated prompts) and
     hides the libraries' (vLLM's start-up lines, torch / Triton / NUMA warnings); 'debug' shows everything."""
+    checkpoint_format: Literal["mgs", "torch_dist"] = "mgs"
+    """Model weights in checkpoints: 'mgs' (in the per-rank files; resume at the same layout only); 'torch_dist'
+    (Megatron-LM's format in step_<N>/model/, which Megatron-LM, verl and slime load, and a resume at another
+    TP / PP / world size loads; the optimizer state stays per rank and restarts when the layout changed)."""
 
     def __post_init__(self):
         if self.total_steps < 1:
@@ -121,7 +125,9 @@ class ModelSourceConfig:
     tokenizer: str = ""
     """Tokenizer directory ('': path)."""
     init_checkpoint: str = ""
-    """Canonical Megatron checkpoint to start from (overrides the weights of path; no conversion at start)."""
+    """Megatron checkpoint to start from, written at any TP/PP: canonical (tools/convert_checkpoint.py) or
+    Megatron-LM torch_dist (the directory with latest_checkpointed_iteration.txt, or an iter_* directory); it
+    overrides the weights of path (no conversion at start)."""
     params_dtype: Literal["float32", "bfloat16"] = "float32"
     """Parameter dtype (bfloat16 keeps fp32 main parameters and gradients in the optimizer)."""
 

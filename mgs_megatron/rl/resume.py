@@ -5,6 +5,8 @@ preemption request (SIGTERM) that makes every rank checkpoint and stop.
     rank_<r>.pt     this rank's model shards (local state dict), optimizer internals (Adam moments, fp32 main
                     params of low-precision models), RNG states, MGS rule state
     trainer.json    step, sampler position, config (rank 0)
+    model/          run.checkpoint_format torch_dist: the model in Megatron-LM's format (tracker + iter_<N>/;
+                    Megatron-LM, verl and slime load it); rank_<r>.pt then holds no model
 <output_dir>/checkpoints/latest   the name of the newest complete checkpoint (written last, atomically; a hint for
                                   people and tools: resume scans the step_<N> directories and never needs it)
 
@@ -12,8 +14,9 @@ Resume (`Checkpointer.load_newest`) takes the newest checkpoint that every rank 
 one (a truncated rank file, no trainer.json) is skipped with a warning naming the file, and older ones are tried.
 Nothing is deleted when a run starts: rotation removes only checkpoints older than the one just written, and
 `check_output_dir` (before launch) refuses run.resume=never in a directory that holds checkpoints.
-Resume needs the same world size and layout (the shards are per rank); move a run to another layout through the
-model weights (mgs_megatron.weights.save_weights / the final HF export).
+Resume at the same layout restores everything. At another layout (world size, TP, PP) only a torch_dist model
+moves: the model weights load at any layout, the per-rank optimizer state and RNG streams restart (the MGS rule
+state, identical on every rank, is taken from rank 0's file); per-rank model shards cannot move (CheckpointError).
 """
 
 from __future__ import annotations
@@ -112,9 +115,22 @@ def latest_step(root: Path, world_size: Optional[int] = None) -> Optional[int]:
     return None if path is None else int(path.name[5:])
 
 
+MODEL_DIR = "model"
+
+
+def layout() -> dict:
+    """What per-rank files depend on: the world size and Megatron's model-parallel layout."""
+    from megatron.core import parallel_state as ps
+
+    return {"world_size": dist.get_world_size() if dist.is_initialized() else 1,
+            "tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
+            "vpp": ps.get_virtual_pipeline_model_parallel_world_size()}
+
+
 def save(root: Path, step: int, chunks, optimizer, trainer_state: dict, extra_rank_state: dict,
-         keep: int = 2) -> Path:
-    """Every rank calls; returns the final directory."""
+         keep: int = 2, save_model=None) -> Path:
+    """Every rank calls; returns the final directory. `save_model(dir)` (every rank): write the model there in
+    another format (torch_dist) instead of into the per-rank files."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step}"
@@ -124,14 +140,17 @@ def save(root: Path, step: int, chunks, optimizer, trainer_state: dict, extra_ra
         tmp.mkdir(parents=True)
     if dist.is_initialized():
         dist.barrier()
-    state = {"model": [c.state_dict() for c in chunks], "optimizer": optimizer_state(optimizer),
-             "rng": rng_state(), **extra_rank_state}
+    if save_model is not None:
+        save_model(tmp / MODEL_DIR)
+    state = {"optimizer": optimizer_state(optimizer), "rng": rng_state(), **extra_rank_state}
+    if save_model is None:
+        state["model"] = [c.state_dict() for c in chunks]
     torch.save(state, tmp / f"rank_{rank}.pt.part")
     os.replace(tmp / f"rank_{rank}.pt.part", tmp / f"rank_{rank}.pt")
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
-        (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=1, default=str))
+        (tmp / "trainer.json").write_text(json.dumps({**trainer_state, "layout": layout()}, indent=1, default=str))
         if final.exists():  # a checkpoint of this step that could not be loaded (resume fell back past it)
             log.warning("replacing %s, which resume could not use", final)
             shutil.rmtree(final)
@@ -147,10 +166,10 @@ def save(root: Path, step: int, chunks, optimizer, trainer_state: dict, extra_ra
     return final
 
 
-def read(path: Path) -> tuple[dict, dict]:
-    """(trainer_state, this rank's state) of a checkpoint, touching no model; CheckpointError naming the file that
-    is missing or cannot be read (a truncated rank file, a torn trainer.json)."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
+def read(path: Path, rank: Optional[int] = None) -> tuple[dict, dict]:
+    """(trainer_state, rank `rank`'s state (default: this rank's)) of a checkpoint, touching no model;
+    CheckpointError naming the file that is missing or cannot be read (a truncated rank file, a torn trainer.json)."""
+    rank = _rank() if rank is None else rank
     f = path / f"rank_{rank}.pt"
     if not f.is_file():
         raise CheckpointError(f"{f} is missing: was the checkpoint written with another world size?")
@@ -167,39 +186,46 @@ def read(path: Path) -> tuple[dict, dict]:
 
 
 def apply(state: dict, chunks, optimizer) -> None:
-    """Load a rank state (from `read`) into the model chunks, the optimizer and the RNGs."""
-    for c, sd in zip(chunks, state["model"]):
+    """Load a rank state (from `read`) into the model chunks (none when the model is in model/), the optimizer and
+    the RNGs."""
+    for c, sd in zip(chunks, state.get("model", [])):
         c.load_state_dict(sd)
     load_optimizer_state(optimizer, state["optimizer"])
     load_rng_state(state["rng"])
 
 
-def load(path: Path, chunks, optimizer) -> tuple[dict, dict]:
-    """Load this rank's part; returns (trainer_state, the rank's extra state)."""
-    trainer_state, state = read(path)
-    apply(state, chunks, optimizer)
-    return trainer_state, state
+def moved_from(path: Path) -> Optional[dict]:
+    """The layout a checkpoint was written at, when it differs from this job's (None: the same, or unknown)."""
+    try:
+        state = json.loads((path / "trainer.json").read_text())
+    except (OSError, ValueError):
+        return None
+    saved, now = state.get("layout", {"world_size": state.get("world_size")}), layout()
+    return saved if any(saved.get(k) not in (None, v) for k, v in now.items()) else None
 
 
-def load_newest(root: Path, chunks, optimizer) -> Optional[tuple[Path, dict, dict]]:
+def load_newest(root: Path, chunks, optimizer, load_model=None) -> Optional[tuple[Path, dict, dict]]:
     """Every rank calls. Loads the newest checkpoint that every rank can read -> (path, trainer_state, this rank's
     state), or None when root holds no checkpoint. A damaged or incomplete one is skipped with a warning (rank 0)
-    naming the file; CheckpointError when checkpoints exist but none can be loaded, or they are of another world
-    size."""
+    naming the file; CheckpointError when checkpoints exist but none can be loaded. `load_model(dir)` (every rank)
+    loads a model saved in model/ (run.checkpoint_format=torch_dist); such a checkpoint also loads at another
+    layout: then only the model and rank 0's MGS rule state are restored (the state has "moved_from")."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     skipped: list[str] = []
     for path in step_dirs(root):
         problem, loaded = None, None
-        written_by = _world_size_of(path)
-        if written_by not in (None, world):
-            raise CheckpointError(f"{path} was written by {written_by} ranks, this job has {world}: resume needs the "
-                                  f"same world size and layout")
-        missing = missing_files(path, world)
+        saved = moved_from(path)
+        has_model = (path / MODEL_DIR).is_dir()
+        if saved is not None and not has_model:
+            raise CheckpointError(f"{path} was written at layout {saved}, this job is {layout()}: its model is in "
+                                  f"per-rank files, which resume at the same layout only (run.checkpoint_format="
+                                  f"torch_dist writes checkpoints that resume at any layout)")
+        missing = missing_files(path, 1 if saved is not None else world)
         if missing:
             problem = f"{path} is incomplete (no {', '.join(missing)})"
         else:
             try:
-                loaded = read(path)
+                loaded = read(path, rank=0 if saved is not None else None)
             except CheckpointError as e:
                 problem = str(e)
         problems = _gather(problem)
@@ -207,7 +233,13 @@ def load_newest(root: Path, chunks, optimizer) -> Optional[tuple[Path, dict, dic
             skipped.append("; ".join(sorted({p for p in problems if p})))
             continue
         trainer_state, state = loaded
-        apply(state, chunks, optimizer)
+        if has_model:
+            load_model(path / MODEL_DIR)
+        if saved is not None:
+            optimizer.reload_model_params()  # low-precision models: fp32 main params from the loaded weights
+            state = {"mgs": state.get("mgs"), "moved_from": saved}
+        else:
+            apply(state, chunks, optimizer)
         if skipped and _rank() == 0:
             log.warning("%s; resuming from the newest complete checkpoint %s instead", "; ".join(skipped), path)
         return path, trainer_state, state
@@ -215,13 +247,6 @@ def load_newest(root: Path, chunks, optimizer) -> Optional[tuple[Path, dict, dic
         raise CheckpointError(f"no checkpoint in {root} can be loaded: {'; '.join(skipped)}. Move them away (or set "
                               f"run.resume=overwrite to start over and delete them)")
     return None
-
-
-def _world_size_of(path: Path) -> Optional[int]:
-    try:
-        return int(json.loads((path / "trainer.json").read_text())["world_size"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def _rank() -> int:
@@ -282,16 +307,17 @@ class Checkpointer:
     def due(self, step: int, stopping: bool = False) -> bool:
         return stopping or bool(self.every and step % self.every == 0)
 
-    def save(self, step: int, chunks, optimizer, trainer_state: dict, extra_rank_state: dict) -> Path:
-        path = save(self.root, step, chunks, optimizer, trainer_state, extra_rank_state, keep=self.keep)
+    def save(self, step: int, chunks, optimizer, trainer_state: dict, extra_rank_state: dict, save_model=None) -> Path:
+        path = save(self.root, step, chunks, optimizer, trainer_state, extra_rank_state, keep=self.keep,
+                    save_model=save_model)
         self.last_saved = step
         return path
 
     def latest(self) -> Optional[Path]:
         return latest(self.root)
 
-    def load_newest(self, chunks, optimizer) -> Optional[tuple[Path, dict, dict]]:
-        found = load_newest(self.root, chunks, optimizer)
+    def load_newest(self, chunks, optimizer, load_model=None) -> Optional[tuple[Path, dict, dict]]:
+        found = load_newest(self.root, chunks, optimizer, load_model)
         if found is not None:
             self.last_saved = int(found[1]["step"])
         return found

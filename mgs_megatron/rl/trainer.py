@@ -52,6 +52,7 @@ from mgs_megatron.rl.warmup import maybe_warmup
 from mgs_megatron.rollout.backends import build_backend, start_vllm
 from mgs_megatron.rollout.logprobs import logprob_diff_over_ranks
 from mgs_megatron.weights import export_hf
+from mgs_megatron.weights.torch_dist import load_torch_dist, save_torch_dist
 
 log = logging.getLogger("mgs_megatron.rl")
 
@@ -161,15 +162,24 @@ class Trainer:
     def save(self) -> Path:
         state = {"step": self.step, "sampler": self.prompts.state_dict(), "strategy": self.cfg.strategy,
                  "world_size": dist.get_world_size(), "config": self.cfg.to_dict()}
+        save_model = None
+        if self.cfg.run.checkpoint_format == "torch_dist":  # Megatron-LM's format: loads at any layout, in any host
+            def save_model(d):
+                save_torch_dist(self.policy.chunks, self.model_cfg, d, self.step, hf_config=self.hf_config,
+                                hf_side_dir=self.cfg.model.tokenizer or self.cfg.model.path)
         return self.checkpoints.save(self.step, self.policy.chunks, self.policy.optimizer, state,
-                                     self.policy.state_dict())
+                                     self.policy.state_dict(), save_model=save_model)
 
     def _resume(self) -> None:
-        found = self.checkpoints.load_newest(self.policy.chunks, self.policy.optimizer)  # skips damaged ones, says so
+        found = self.checkpoints.load_newest(  # skips damaged ones, says so
+            self.policy.chunks, self.policy.optimizer, load_model=lambda d: load_torch_dist(self.policy.chunks, d))
         if found is None:
             return
         path, state, extra = found
         self.step = int(state["step"])
+        if extra.get("moved_from") and self.is_main:
+            log.warning("resumed the model of %s (layout %s) at layout %s; the optimizer state and RNG streams "
+                        "restart", path, extra["moved_from"], resume.layout())
         self.prompts.load_state_dict(state["sampler"])
         self.policy.load_state_dict(extra)
         if self.is_main:

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from mgs_megatron.convert.canonical import DEFAULT_SHARD_BYTES, read_model_config, write_canonical
 from mgs_megatron.convert.io import SafetensorsDir, atomic_dir, copy_side_files, write_sharded
+from mgs_megatron.convert.torch_dist import is_torch_dist
 from mgs_megatron.errors import ConfigError, ConversionError
 from mgs_megatron.megatron.state import load_full_state_dict, named_global_parameters, unwrap
 from mgs_megatron.megatron.stream import iter_canonical, iter_hf_weights
@@ -39,11 +40,17 @@ def check_model_matches(chunks, cfg: ModelConfig) -> None:
 
 
 @torch.no_grad()
-def load_weights(chunks: Sequence[torch.nn.Module], path) -> ModelConfig:
-    """Load a canonical checkpoint (written at any TP/PP) into this rank's model chunks; every rank calls it.
+def load_weights(chunks: Sequence[torch.nn.Module], path) -> Optional[ModelConfig]:
+    """Load a canonical checkpoint, or a Megatron-LM torch_dist one (weights/torch_dist.py), written at any TP/PP
+    into this rank's model chunks; every rank calls it.
 
-    Accepts local or TE norm names on the model side; returns the checkpoint's ModelConfig.
+    Accepts local or TE norm names on the model side; returns the checkpoint's ModelConfig (None for a torch_dist
+    checkpoint that mgs_megatron did not write).
     """
+    if is_torch_dist(path):
+        from mgs_megatron.weights.torch_dist import load_torch_dist
+
+        return load_torch_dist(chunks, path)[1]
     path = Path(path)
     cfg = read_model_config(path)
     check_model_matches(chunks, cfg)
