@@ -122,9 +122,11 @@ def layout() -> dict:
     """What per-rank files depend on: the world size and Megatron's model-parallel layout."""
     from megatron.core import parallel_state as ps
 
-    return {"world_size": dist.get_world_size() if dist.is_initialized() else 1,
-            "tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
-            "vpp": ps.get_virtual_pipeline_model_parallel_world_size()}
+    out = {"world_size": dist.get_world_size() if dist.is_initialized() else 1}
+    if ps.model_parallel_is_initialized():  # (a plain process group: the world size is all there is)
+        out.update(tp=ps.get_tensor_model_parallel_world_size(), pp=ps.get_pipeline_model_parallel_world_size(),
+                   vpp=ps.get_virtual_pipeline_model_parallel_world_size())
+    return out
 
 
 def save(root: Path, step: int, chunks, optimizer, trainer_state: dict, extra_rank_state: dict,
