@@ -67,14 +67,21 @@ def write_canonical(dst: Path, cfg: ModelConfig, tensors: Iterable[tuple[str, to
     (dst / META).write_text(json.dumps(meta, indent=2))
 
 
+def open_hf(hf_dir) -> tuple[dict, ModelConfig, SafetensorsDir]:
+    """(config.json, its ModelConfig, the safetensors) of an HF model directory whose tensor names fit the
+    architecture (ConversionError naming the missing / unexpected ones)."""
+    hf_config = read_config(Path(hf_dir))
+    cfg = model_config_from_hf(hf_config)
+    src = SafetensorsDir(Path(hf_dir))
+    check_hf_names(src.keys(), cfg)
+    return hf_config, cfg, src
+
+
 def hf_to_mcore_checkpoint(hf_dir, out_dir, *, overwrite: bool = False, progress: bool = True,
                            max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> ModelConfig:
     """HF model directory -> canonical Megatron checkpoint (no model is built; one tensor group at a time)."""
     hf_dir = Path(hf_dir)
-    hf_config = read_config(hf_dir)
-    cfg = model_config_from_hf(hf_config)
-    src = SafetensorsDir(hf_dir)
-    check_hf_names(src.keys(), cfg)
+    hf_config, cfg, src = open_hf(hf_dir)
     with atomic_dir(out_dir, overwrite) as tmp, progress_bar(src.nbytes(), "hf->mcore", progress) as bar:
         def tensors():
             for tm in tensor_maps(cfg):

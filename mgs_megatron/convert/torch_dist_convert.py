@@ -16,12 +16,13 @@ from typing import Iterator, Optional
 
 import torch
 
+from mgs_megatron.convert.canonical import open_hf
 from mgs_megatron.convert.io import SafetensorsDir, atomic_dir, copy_side_files, read_config, write_sharded
 from mgs_megatron.convert.torch_dist import common_state, key_of, megatron_lm_args, padded_vocab
 from mgs_megatron.convert.torch_dist_io import Chunk, TorchDistReader, write_iteration
 from mgs_megatron.errors import ConversionError
 from mgs_megatron.models import ModelConfig, TensorMap, model_config_from_hf, tensor_maps
-from mgs_megatron.models.mapping import check_hf_names, hf_to_mcore, mcore_to_hf, pad_vocab
+from mgs_megatron.models.mapping import hf_to_mcore, mcore_to_hf, pad_vocab
 from mgs_megatron.models.tensor_map import VOCAB
 
 
@@ -51,10 +52,7 @@ def hf_to_torch_dist(hf_dir, root, *, iteration: int = 0, tp: int = 1, make_voca
                      overwrite: bool = False) -> ModelConfig:
     """HF model directory -> Megatron-LM torch_dist checkpoint (vocab padded as Megatron-LM pads it for `tp`)."""
     hf_dir = Path(hf_dir)
-    hf_config = read_config(hf_dir)
-    cfg = model_config_from_hf(hf_config)
-    src = SafetensorsDir(hf_dir)
-    check_hf_names(src.keys(), cfg)
+    hf_config, cfg, src = open_hf(hf_dir)
     rows = padded_vocab(cfg.vocab_size, make_vocab_size_divisible_by, tp)
     args = megatron_lm_args(cfg, tp=tp, padded_vocab_size=rows, iteration=iteration, hf_config=hf_config)
     args.make_vocab_size_divisible_by = make_vocab_size_divisible_by
